@@ -1,0 +1,294 @@
+"""The budget in Redis, for runs spread over several machines.
+
+The state is one hash, ``<prefix><model>``, with the same fields as the JSON file. Each
+operation is one Lua script run atomically by the server (EVALSHA, loaded on first use),
+implementing line for line the algorithm in ``base.py``; ``now`` is the server's
+``TIME``, so runners with skewed clocks agree and the wait is returned as a duration.
+Every write renews a TTL so that the state of an abandoned run disappears.
+
+``redis`` is an optional extra and is imported only when this budget is opened.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from ..errors import BudgetError
+from .base import BaseBudget, BudgetState, Clock, Limits, RateLimitSnapshot, Sleep, mask_url
+
+if TYPE_CHECKING:
+    import redis
+
+DEFAULT_PREFIX = "llmbench:budget:"
+DEFAULT_TTL = 3600.0
+
+# ARGV: op, now ('' = server TIME), ttl_ms, rpm, tpm, burst_seconds, op arguments...
+# ('' = None). Returns {status, value}: {'ok', wait} or {'too_large', tokens_limit}.
+LUA = """
+-- Redis < 5 replicates scripts verbatim and refuses writes after TIME without this
+if redis.replicate_commands then redis.replicate_commands() end
+local key, op = KEYS[1], ARGV[1]
+local now = tonumber(ARGV[2])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local ttl_ms = tonumber(ARGV[3])
+local cfg = {tonumber(ARGV[4]), tonumber(ARGV[5])}
+local burst = tonumber(ARGV[6])
+local FIELDS = {'ts', 'paused_until', 'peak_tokens', 'requests_level',
+                'requests_server_limit', 'tokens_level', 'tokens_server_limit'}
+
+local function finite(v)
+  v = tonumber(v)
+  if v == nil or v ~= v or v == math.huge or v == -math.huge then return nil end
+  return v
+end
+local function fmt(x) return string.format('%.17g', x) end
+
+local raw = redis.call('HMGET', key, unpack(FIELDS))
+local ts = finite(raw[1]) or 0
+local paused_until = finite(raw[2]) or 0
+local peak = finite(raw[3]) or 0
+local level = {finite(raw[4]), finite(raw[6])}
+local server = {finite(raw[5]), finite(raw[7])}
+
+local function in_force(i)
+  local c, s = cfg[i], server[i]
+  if c == nil then return s end
+  if s == nil then return c end
+  return math.min(c, s)
+end
+local function capacity(i, limit)
+  local floor = 1
+  if i == 2 then floor = math.max(1, peak) end
+  return math.max(limit / 60 * burst, floor)
+end
+local function refill()
+  local elapsed = now - ts
+  if elapsed < 0 then
+    paused_until = paused_until + elapsed
+    ts = now
+  end
+  local credit = math.max(0, now - math.max(ts, paused_until))
+  for i = 1, 2 do
+    local limit = in_force(i)
+    if limit == nil then
+      level[i] = nil
+    else
+      local cap = capacity(i, limit)
+      if level[i] == nil then level[i] = cap
+      else level[i] = math.min(cap, level[i] + credit * limit / 60) end
+    end
+  end
+  ts = now
+end
+local function wait_time()
+  local debt = 0
+  for i = 1, 2 do
+    local limit = in_force(i)
+    if limit ~= nil and level[i] ~= nil and level[i] < 0 then
+      debt = math.max(debt, -level[i] / (limit / 60))
+    end
+  end
+  return math.max(0, paused_until - now) + debt
+end
+local function save()
+  local values = {ts, paused_until, peak, level[1], server[1], level[2], server[2]}
+  local set, del = {}, {}
+  for i = 1, #FIELDS do
+    if values[i] == nil then
+      table.insert(del, FIELDS[i])
+    else
+      table.insert(set, FIELDS[i])
+      table.insert(set, fmt(values[i]))
+    end
+  end
+  redis.call('HSET', key, unpack(set))
+  if #del > 0 then redis.call('HDEL', key, unpack(del)) end
+  redis.call('PEXPIRE', key, ttl_ms)
+end
+
+if op == 'reserve' then
+  local tokens = tonumber(ARGV[7])
+  local tpm = in_force(2)
+  if tpm ~= nil and tokens > tpm then return {'too_large', fmt(tpm)} end
+  peak = math.max(peak, tokens)
+  refill()
+  if level[1] ~= nil then level[1] = level[1] - 1 end
+  if level[2] ~= nil then level[2] = level[2] - tokens end
+  save()
+  return {'ok', fmt(wait_time())}
+elseif op == 'correct' then
+  refill()
+  local tpm = in_force(2)
+  if tpm ~= nil and level[2] ~= nil then
+    level[2] = math.min(capacity(2, tpm), level[2] + tonumber(ARGV[7]) - tonumber(ARGV[8]))
+  end
+elseif op == 'observe' then
+  refill()
+  local lim = {tonumber(ARGV[7]), tonumber(ARGV[9])}
+  local rem = {tonumber(ARGV[8]), tonumber(ARGV[10])}
+  for i = 1, 2 do
+    if lim[i] ~= nil and lim[i] > 0 then server[i] = lim[i] end
+  end
+  for i = 1, 2 do
+    local limit = in_force(i)
+    if limit == nil then
+      level[i] = nil
+    else
+      local cap = capacity(i, limit)
+      if level[i] == nil then level[i] = cap else level[i] = math.min(level[i], cap) end
+      if rem[i] ~= nil then level[i] = math.min(level[i], rem[i]) end
+    end
+  end
+elseif op == 'pause' then
+  refill()
+  paused_until = math.max(paused_until, now + math.max(0, tonumber(ARGV[7])))
+  for i = 1, 2 do
+    if level[i] ~= nil then level[i] = math.min(level[i], 0) end
+  end
+else
+  return redis.error_reply('unknown budget op ' .. tostring(op))
+end
+save()
+return {'ok', '0'}
+"""
+
+
+def _arg(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+class RedisBudget(BaseBudget):
+    """The budget shared through a Redis server by processes on any number of machines."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: str,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        burst_seconds: float = 1.0,
+        prefix: str = DEFAULT_PREFIX,
+        ttl: float = DEFAULT_TTL,
+        clock: Clock | None = None,
+        sleep: Sleep = time.sleep,
+        timeout: float = 5.0,
+    ) -> None:
+        super().__init__(sleep=sleep)
+        self.limits = Limits(rpm, tpm, burst_seconds)
+        self.url = mask_url(url)
+        self.key = prefix + key
+        self._ttl_ms = max(1, int(ttl * 1000))
+        self._clock = clock  # None: the Redis server's TIME (tests inject one)
+        self._password = _password(url)
+        try:
+            import redis
+        except ImportError:
+            raise BudgetError(
+                f"budget {self.url} needs the 'redis' package: pip install 'pytest-llmbench[redis]'"
+            ) from None
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, ValueError)
+        self._client: redis.Redis | None = None
+        try:
+            client = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except self._errors as exc:
+            raise self._error("invalid Redis budget URL", exc) from None
+        try:
+            client.ping()
+        except self._errors as exc:
+            client.close()
+            raise self._error("cannot reach the Redis budget at", exc) from None
+        self._client = client
+        self._script = client.register_script(LUA)
+
+    # -- the Budget protocol
+
+    def reserve(self, tokens: int) -> float:
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, not {tokens}")
+        status, value = self._run("reserve", tokens)
+        if status == "too_large":
+            raise BudgetError(
+                f"a request of {tokens} tokens can never fit the limit of "
+                f"{float(value):g} tokens per minute"
+            )
+        return float(value)
+
+    def correct(self, reserved_tokens: int, actual_tokens: int) -> None:
+        self._run("correct", reserved_tokens, actual_tokens)
+
+    def observe(self, snapshot: RateLimitSnapshot) -> None:
+        s = snapshot
+        self._run(
+            "observe", s.limit_requests, s.remaining_requests, s.limit_tokens, s.remaining_tokens
+        )
+
+    def pause(self, seconds: float) -> None:
+        self._run("pause", seconds)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def state(self) -> BudgetState:
+        """The shared state as stored (for diagnostics and tests); changes nothing."""
+        raw = self._call(lambda c: c.hgetall(self.key))
+        return BudgetState.from_fields({_text(k): v for k, v in dict(raw).items()})
+
+    def __repr__(self) -> str:
+        lim = self.limits
+        return (
+            f"RedisBudget({self.url!r}, key={self.key!r}, rpm={lim.rpm}, tpm={lim.tpm}, "
+            f"burst_seconds={lim.burst_seconds})"
+        )
+
+    # -- plumbing
+
+    def _run(self, op: str, *args: float | None) -> tuple[str, str]:
+        lim = self.limits
+        argv = [
+            op,
+            "" if self._clock is None else repr(self._clock()),
+            str(self._ttl_ms),
+            _arg(lim.rpm),
+            _arg(lim.tpm),
+            _arg(lim.burst_seconds),
+            *(_arg(a) for a in args),
+        ]
+        reply = self._call(lambda _: self._script(keys=[self.key], args=argv))
+        status, value = reply
+        return _text(status), _text(value)
+
+    def _call(self, fn: Any) -> Any:
+        if self._client is None:
+            raise BudgetError(f"the Redis budget {self.url} is closed")
+        try:
+            return fn(self._client)
+        except self._errors as exc:
+            raise self._error("Redis budget failed at", exc) from None
+
+    def _error(self, what: str, exc: BaseException) -> BudgetError:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        if self._password:
+            detail = detail.replace(self._password, "***")
+        return BudgetError(f"{what} {self.url}: {detail}")
+
+
+def _password(url: str) -> str | None:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,639 @@
+"""LLMClient and Response: one call path composed of store, budget, retry and the SDK.
+
+A call goes: build the request body -> look it up in the response store -> (plan phase:
+record it and stop the test) -> reserve from the shared budget -> send with the SDK
+(its own retries off) -> feed headers back to the budget -> save the answer -> Response.
+Retries (tenacity, policy in ``retry.py``) repeat the budget and send steps, so every
+attempt counts against the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt
+
+from .budget import Budget, RateLimitSnapshot, open_budget
+from .config import LLMConfig
+from .errors import LLMCallError, LLMPending
+from .retry import BackoffPolicy, as_mapping, describe, is_retryable
+
+if TYPE_CHECKING:
+    import openai
+
+    from .store import ResponseStore, StoredResponse
+
+ENDPOINT = "/v1/chat/completions"
+Messages = Sequence[Mapping[str, Any]]
+PromptLike = str | Messages
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one response (or a sum of them)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+        )
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Usage:
+        u = body.get("usage") or {}
+        p, c = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+        return cls(p, c, int(u.get("total_tokens") or p + c))
+
+
+@dataclass(frozen=True)
+class Response:
+    """One chat completion, live or replayed from the store.
+
+    ``text`` is the first choice's content; ``choices`` every choice's. ``error`` is set
+    (and ``ok`` False) only for items of :meth:`LLMClient.batch_generate` that failed.
+    """
+
+    text: str
+    choices: tuple[str, ...]
+    finish_reason: str | None
+    usage: Usage
+    latency: float
+    model: str
+    request_id: str | None
+    params: dict[str, Any]
+    cached: bool = False
+    attempts: int = 1
+    rate_limited: int = 0
+    source: str = "live"
+    key: str | None = None
+    error: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def from_body(
+        cls,
+        body: Mapping[str, Any],
+        *,
+        request: Mapping[str, Any],
+        latency: float,
+        request_id: str | None = None,
+        cached: bool = False,
+        attempts: int = 1,
+        rate_limited: int = 0,
+        source: str = "live",
+        key: str | None = None,
+    ) -> Response:
+        choices = body.get("choices") or []
+        texts = tuple(str((c.get("message") or {}).get("content") or "") for c in choices)
+        params = {k: v for k, v in request.items() if k != "messages"}
+        return cls(
+            text=texts[0] if texts else "",
+            choices=texts,
+            finish_reason=(choices[0].get("finish_reason") if choices else None),
+            usage=Usage.from_body(body),
+            latency=latency,
+            model=str(body.get("model") or request.get("model") or ""),
+            request_id=request_id or body.get("_request_id"),
+            params=params,
+            cached=cached,
+            attempts=attempts,
+            rate_limited=rate_limited,
+            source=source,
+            key=key,
+            raw=dict(body),
+        )
+
+    @classmethod
+    def from_stored(cls, stored: StoredResponse) -> Response:
+        return cls.from_body(
+            stored.response,
+            request=stored.request,
+            latency=stored.latency_s,
+            request_id=(stored.headers or {}).get("x-request-id"),
+            cached=True,
+            source=stored.source,
+            key=stored.key,
+        )
+
+    @classmethod
+    def failed(cls, request: Mapping[str, Any], error: str, key: str | None = None) -> Response:
+        params = {k: v for k, v in request.items() if k != "messages"}
+        return cls(
+            "",
+            (),
+            None,
+            Usage(),
+            0.0,
+            str(request.get("model", "")),
+            None,
+            params,
+            key=key,
+            error=error,
+        )
+
+
+@dataclass
+class ModelStats:
+    calls: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    errors: int = 0
+    cached: int = 0
+    usage: Usage = Usage()
+
+
+class ClientStats:
+    """Counters summed per model, shared by every view of one client (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_model: dict[str, ModelStats] = {}
+
+    def add(self, model: str, **deltas: Any) -> None:
+        with self._lock:
+            stats = self.by_model.setdefault(model, ModelStats())
+            for name, value in deltas.items():
+                setattr(stats, name, getattr(stats, name) + value)
+
+    def total(self) -> ModelStats:
+        with self._lock:
+            out = ModelStats()
+            for s in self.by_model.values():
+                for name in ("calls", "requests", "retries", "rate_limited", "errors", "cached"):
+                    setattr(out, name, getattr(out, name) + getattr(s, name))
+                out.usage = out.usage + s.usage
+            return out
+
+
+@dataclass
+class CallContext:
+    """What ties calls to a test case: its node id, the store, and the plan-phase recorder.
+
+    ``record`` (plan phase) receives ``(key, nodeid, ordinal, endpoint, body)`` for each
+    request that is
+    not stored yet; the client then raises :class:`LLMPending`.
+    """
+
+    nodeid: str
+    store: ResponseStore | None = None
+    fresh_since: float | None = None  # --llm-fresh: answers stored before this are ignored
+    record: Callable[[str, str, int, str, dict[str, Any]], None] | None = None
+    on_response: Callable[[Response], None] | None = None
+    batch_errors: bool = False  # a Batch API failure stored for a key fails the call
+    ordinal: int = 0
+
+    def next_ordinal(self) -> int:
+        self.ordinal += 1
+        return self.ordinal - 1
+
+
+def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
+    """Offline estimate of what a request counts toward TPM: ~chars/4 + per-message
+    overhead + n x max_tokens. The real ``usage`` corrects it afterwards."""
+    chars = 0
+    messages = body.get("messages") or []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, Mapping))
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
+    return math.ceil(chars / 4) + 4 * len(messages) + 3 + int(body.get("n") or 1) * int(limit)
+
+
+def to_messages(prompt: PromptLike) -> list[dict[str, Any]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+class LLMClient:
+    """A rate-limited, retrying, resumable OpenAI chat client.
+
+    ``LLMClient(config)`` works on its own; the plugin's ``llm`` fixture gives each test a
+    :meth:`bind` view that shares the budget, connections and counters but knows its
+    test case (so answers are stored and replayed) and its temperature.
+    """
+
+    def __init__(
+        self,
+        config: LLMConfig | None = None,
+        *,
+        budget: Budget | None = None,
+        defaults: Mapping[str, Any] | None = None,
+        context: CallContext | None = None,
+        stats: ClientStats | None = None,
+    ) -> None:
+        self.config = config or LLMConfig()
+        self.defaults: dict[str, Any] = dict(defaults or {})
+        self.context = context
+        self.stats = stats or ClientStats()
+        self._ordinals: dict[str, int] = {}
+        self._shared: _Shared = _Shared(self.config, budget)
+
+    def __repr__(self) -> str:
+        where = self.config.base_url or "https://api.openai.com/v1"
+        return f"LLMClient(model={self.config.model!r}, base_url={where!r})"
+
+    # ----------------------------------------------------------------- views
+    def bind(self, *, context: CallContext | None = None, **defaults: Any) -> LLMClient:
+        """A view with extra default parameters (e.g. temperature) and a test context."""
+        view = object.__new__(LLMClient)
+        view.config = self.config
+        view.defaults = {**self.defaults, **defaults}
+        view.context = context if context is not None else self.context
+        view.stats = self.stats
+        view._ordinals = {}
+        view._shared = self._shared
+        return view
+
+    def close(self) -> None:
+        self._shared.close()
+
+    def __enter__(self) -> LLMClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- requests
+    def build_request(self, prompt: PromptLike, params: Mapping[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.config.model, **self.defaults, **params}
+        body["messages"] = to_messages(prompt)
+        if "max_tokens" not in body and "max_completion_tokens" not in body:
+            body["max_completion_tokens"] = self.config.max_tokens
+        return {k: v for k, v in body.items() if v is not None}
+
+    def _key(self, body: Mapping[str, Any]) -> str | None:
+        """The store key of this call; every call of a bound view takes the next ordinal."""
+        ctx = self.context
+        if ctx is None:
+            return None
+        ordinal = ctx.next_ordinal()
+        if ctx.store is None:
+            return None
+        from .store import request_key
+
+        key = request_key(ctx.nodeid, ordinal, ENDPOINT, body)
+        self._ordinals[key] = ordinal
+        return key
+
+    def _lookup(self, key: str | None) -> Response | None:
+        ctx = self.context
+        if key is None or ctx is None or ctx.store is None:
+            return None
+        stored = ctx.store.get(key)
+        if stored is not None and ctx.fresh_since is not None:
+            stored = stored if stored.created_at >= ctx.fresh_since else None
+        if stored is None:
+            if ctx.batch_errors:
+                from .batch import stored_error
+
+                reason = stored_error(ctx.store, key)
+                if reason is not None:
+                    raise LLMCallError(reason)
+            return None
+        response = Response.from_stored(stored)
+        self.stats.add(response.model or self.config.model, cached=1, calls=1)
+        return response
+
+    def _save(self, key: str | None, body: dict[str, Any], raw: _RawAnswer) -> None:
+        ctx = self.context
+        if key is None or ctx is None or ctx.store is None:
+            return
+        ctx.store.put(
+            key,
+            nodeid=ctx.nodeid,
+            ordinal=self._ordinals.pop(key, 0),
+            endpoint=ENDPOINT,
+            request=body,
+            response=raw.body,
+            headers=raw.headers,
+            latency_s=raw.latency,
+            source="live",
+            replace=ctx.fresh_since is not None,
+        )
+
+    def _finish(self, key: str | None, body: dict[str, Any], raw: _RawAnswer) -> Response:
+        self._save(key, body, raw)
+        response = Response.from_body(
+            raw.body,
+            request=body,
+            latency=raw.latency,
+            request_id=raw.headers.get("x-request-id"),
+            attempts=raw.attempts,
+            rate_limited=raw.rate_limited,
+            key=key,
+        )
+        self._notify(response)
+        return response
+
+    def _notify(self, response: Response) -> None:
+        if self.context is not None and self.context.on_response is not None:
+            self.context.on_response(response)
+
+    # ----------------------------------------------------------------- sync
+    def generate_response(self, prompt: PromptLike, **params: Any) -> Response:
+        """Send one chat completion (or replay it) and return the :class:`Response`.
+
+        Raises :class:`LLMCallError` when the call fails for good.
+        """
+        body = self.build_request(prompt, params)
+        key = self._key(body)
+        cached = self._lookup(key)
+        if cached is not None:
+            self._notify(cached)
+            return cached
+        self._maybe_record([(key, body)])
+        return self._finish(key, body, self._shared.send(body, self.stats))
+
+    # ----------------------------------------------------------------- async
+    async def agenerate_response(self, prompt: PromptLike, **params: Any) -> Response:
+        """The async twin of :meth:`generate_response`."""
+        body = self.build_request(prompt, params)
+        key = self._key(body)
+        cached = self._lookup(key)
+        if cached is not None:
+            self._notify(cached)
+            return cached
+        self._maybe_record([(key, body)])
+        raw = await self._shared.asend(body, self.stats)
+        return self._finish(key, body, raw)
+
+    def batch_generate(self, prompts: Iterable[PromptLike], **params: Any) -> list[Response]:
+        """Run many calls concurrently within the limits; results keep input order.
+
+        A failed item comes back as a Response with ``ok`` False and ``error`` set; the
+        others are unaffected.
+        """
+        bodies = [self.build_request(p, params) for p in prompts]
+        keys = [self._key(b) for b in bodies]
+        results: list[Response | None] = [self._lookup(k) for k in keys]
+        missing = [i for i, r in enumerate(results) if r is None]
+        fetched = set(missing)
+        self._maybe_record([(keys[i], bodies[i]) for i in missing])
+        if missing:
+            answers = asyncio.run(self._shared.gather([bodies[i] for i in missing], self.stats))
+            for i, answer in zip(missing, answers, strict=True):
+                if isinstance(answer, LLMCallError):
+                    self.stats.add(bodies[i]["model"], errors=1)
+                    results[i] = Response.failed(bodies[i], str(answer), keys[i])
+                else:
+                    results[i] = self._finish(keys[i], bodies[i], answer)
+        out = [r for r in results if r is not None]
+        for i, r in enumerate(out):
+            if i not in fetched:
+                self._notify(r)
+        return out
+
+    def _maybe_record(self, pending: list[tuple[str | None, dict[str, Any]]]) -> None:
+        ctx = self.context
+        if ctx is None or ctx.record is None or not pending:
+            return
+        for key, body in pending:
+            if key is not None:
+                ctx.record(key, ctx.nodeid, self._ordinals.get(key, 0), ENDPOINT, body)
+        raise LLMPending(f"{len(pending)} request(s) of {ctx.nodeid} are not answered yet")
+
+    def usage(self) -> dict[str, Usage]:
+        """Tokens used so far, per model."""
+        return {m: s.usage for m, s in self.stats.by_model.items()}
+
+
+@dataclass
+class _RawAnswer:
+    body: dict[str, Any]
+    headers: dict[str, str]
+    latency: float
+    attempts: int
+    rate_limited: int = 0
+
+
+class _Shared:
+    """What every view of one client shares: SDK clients, budgets, retry policy."""
+
+    def __init__(self, config: LLMConfig, budget: Budget | None) -> None:
+        self.config = config
+        self._budgets: dict[str, Budget] = {}
+        if budget is not None:
+            self._budgets[config.model] = budget
+        self._owns_budgets = budget is None
+        self._lock = threading.Lock()
+        self._sync: openai.OpenAI | None = None
+        self.policy = BackoffPolicy(
+            base=config.backoff_min, cap=config.backoff_max, max_retry_after=config.max_retry_after
+        )
+
+    # -- resources
+    def _client_kwargs(self) -> dict[str, Any]:
+        key = self.config.api_key.get_secret_value() if self.config.api_key else None
+        return {
+            "api_key": key or "sk-missing",
+            "base_url": self.config.base_url,
+            "organization": self.config.organization,
+            "project": self.config.project,
+            "timeout": self.config.timeout,
+            "max_retries": 0,  # retries live in retry.py, so each one passes the budget
+        }
+
+    def sync_client(self) -> openai.OpenAI:
+        with self._lock:
+            if self._sync is None:
+                import openai
+
+                self._sync = openai.OpenAI(**self._client_kwargs())
+            return self._sync
+
+    def budget(self, model: str) -> Budget:
+        with self._lock:
+            b = self._budgets.get(model)
+            if b is None:
+                b = open_budget(
+                    self.config.budget_url,
+                    run_dir=self.config.run_dir,
+                    key=model,
+                    rpm=self.config.rpm,
+                    tpm=self.config.tpm,
+                    burst_seconds=self.config.burst_seconds,
+                )
+                self._budgets[model] = b
+            return b
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sync is not None:
+                self._sync.close()
+                self._sync = None
+            if self._owns_budgets:
+                for b in self._budgets.values():
+                    b.close()
+                self._budgets.clear()
+
+    # -- the attempt, shared by sync and async paths
+    def _retrying_kwargs(self, est: int) -> dict[str, Any]:
+        return {
+            "stop": stop_after_attempt(self.config.max_retries + 1),
+            "retry": retry_if_exception(is_retryable),
+            "wait": self.policy.tenacity_wait(est),
+            "reraise": True,
+        }
+
+    def _after_error(
+        self, exc: BaseException, budget: Budget, model: str, stats: ClientStats, est: int
+    ) -> int:
+        """Feed a failed attempt back to the budget; returns 1 if it was a 429."""
+        import openai
+
+        headers = as_mapping(getattr(getattr(exc, "response", None), "headers", None))
+        if headers:
+            budget.observe(RateLimitSnapshot.from_headers(headers))
+        stats.add(model, requests=1)
+        if isinstance(exc, openai.RateLimitError):
+            stats.add(model, rate_limited=1)
+            wait = self.policy.server_wait(exc, est)
+            if wait is not None and is_retryable(exc):
+                budget.pause(min(wait, self.config.max_retry_after))
+            return 1
+        return 0
+
+    def _after_success(
+        self,
+        raw_http: Any,
+        budget: Budget,
+        model: str,
+        stats: ClientStats,
+        est: int,
+        started: float,
+        attempts: int,
+        limited: int,
+    ) -> _RawAnswer:
+        headers = as_mapping(raw_http.headers)
+        budget.observe(RateLimitSnapshot.from_headers(headers))
+        try:
+            body = json.loads(raw_http.text)
+            if not isinstance(body, dict) or "choices" not in body:
+                raise ValueError("no choices")
+        except ValueError as exc:
+            stats.add(model, requests=1)
+            raise LLMCallError(
+                f"the API answered 200 with a malformed body ({exc})", status=200, retryable=True
+            ) from None
+        usage = Usage.from_body(body)
+        budget.correct(est, usage.total_tokens)
+        stats.add(model, requests=1, calls=1, retries=attempts - 1, usage=usage)
+        return _RawAnswer(body, headers, time.perf_counter() - started, attempts, limited)
+
+    def send(self, body: dict[str, Any], stats: ClientStats) -> _RawAnswer:
+        model = str(body["model"])
+        est = estimate_tokens(body, self.config.max_tokens)
+        budget = self.budget(model)
+        client = self.sync_client()
+        attempts = limited = 0
+        try:
+            for attempt in Retrying(**self._retrying_kwargs(est)):
+                with attempt:
+                    attempts += 1
+                    budget.acquire(est)
+                    started = time.perf_counter()
+                    try:
+                        raw = client.chat.completions.with_raw_response.create(**body)
+                    except Exception as exc:
+                        limited += self._after_error(exc, budget, model, stats, est)
+                        raise
+                    return self._after_success(
+                        raw.http_response, budget, model, stats, est, started, attempts, limited
+                    )
+        except Exception as exc:
+            stats.add(model, errors=1, retries=max(0, attempts - 1))
+            raise _final(exc, model, attempts) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def asend(
+        self, body: dict[str, Any], stats: ClientStats, client: openai.AsyncOpenAI | None = None
+    ) -> _RawAnswer:
+        import openai
+
+        model = str(body["model"])
+        est = estimate_tokens(body, self.config.max_tokens)
+        budget = self.budget(model)
+        own = client is None
+        aclient = client or openai.AsyncOpenAI(**self._client_kwargs())
+        attempts = limited = 0
+        try:
+            async for attempt in AsyncRetrying(**self._retrying_kwargs(est)):
+                with attempt:
+                    attempts += 1
+                    await budget.aacquire(est)
+                    started = time.perf_counter()
+                    try:
+                        raw = await aclient.chat.completions.with_raw_response.create(**body)
+                    except Exception as exc:
+                        limited += self._after_error(exc, budget, model, stats, est)
+                        raise
+                    return self._after_success(
+                        raw.http_response, budget, model, stats, est, started, attempts, limited
+                    )
+        except Exception as exc:
+            stats.add(model, errors=1, retries=max(0, attempts - 1))
+            raise _final(exc, model, attempts) from None
+        finally:
+            if own:
+                await aclient.close()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def gather(
+        self, bodies: Sequence[dict[str, Any]], stats: ClientStats
+    ) -> list[_RawAnswer | LLMCallError]:
+        """Send many bodies concurrently, bounded by ``max_concurrency``; order kept."""
+        import openai
+
+        gate = asyncio.Semaphore(self.config.max_concurrency)
+        aclient = openai.AsyncOpenAI(**self._client_kwargs())
+
+        async def one(body: dict[str, Any]) -> _RawAnswer | LLMCallError:
+            async with gate:
+                try:
+                    return await self.asend(body, stats, aclient)
+                except LLMCallError as exc:
+                    return exc
+
+        try:
+            return list(await asyncio.gather(*(one(b) for b in bodies)))
+        finally:
+            await aclient.close()
+
+
+def _final(exc: BaseException, model: str, attempts: int) -> LLMCallError:
+    if isinstance(exc, LLMCallError):
+        exc.attempts = attempts
+        return exc
+    return describe(exc, model=model, attempts=attempts)
+
+
+__all__ = [
+    "CallContext",
+    "ClientStats",
+    "LLMClient",
+    "ModelStats",
+    "Response",
+    "Usage",
+    "estimate_tokens",
+]

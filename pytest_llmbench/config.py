@@ -1,0 +1,504 @@
+"""Configuration: pydantic models and the ONE table of options.
+
+The table ``OPTIONS`` drives ``pytest_addoption`` (flag and ini key), the environment
+lookup and the precedence, and the README's option reference, so the four can never
+disagree. Precedence, applied in :func:`resolve_settings`:
+
+    command-line option  >  environment (LLMBENCH_*)  >  ini / [tool.pytest.ini_options]  >  default
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "gpt-4o-mini"
+
+
+class BatchSettings(BaseModel):
+    """Settings of ``--batch-api`` runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    poll_interval: float = Field(5.0, gt=0, le=600)
+    completion_window: Literal["24h"] = "24h"
+    timeout: float | None = Field(None, gt=0)
+    detach: bool = False
+    fallback: Literal["none", "live"] = "none"
+    max_rounds: int = Field(5, ge=1, le=100)
+    max_attempts: int = Field(3, ge=1, le=20)
+
+
+class LLMConfig(BaseModel):
+    """Everything a client needs to reach the API and pace itself.
+
+    Build it directly (``LLMConfig(model="gpt-4o", rpm=500)``), or let the plugin build
+    it from options, environment and ini. The API key is a :class:`SecretStr`: it never
+    shows in a repr, a log line or an error message.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    model: str = DEFAULT_MODEL
+    max_tokens: int = Field(256, ge=1, le=1_000_000)
+    timeout: float = Field(60.0, gt=0, le=3600)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    burst_seconds: float = Field(1.0, gt=0, le=60)
+    max_concurrency: int = Field(64, ge=1, le=4096)
+    max_retries: int = Field(6, ge=0, le=100)
+    backoff_min: float = Field(0.5, ge=0, le=600)
+    backoff_max: float = Field(30.0, gt=0, le=3600)
+    max_retry_after: float = Field(120.0, gt=0, le=86400)
+    run_dir: Path = Path(".llmbench")
+    budget_url: str | None = None
+    batch: BatchSettings = BatchSettings()
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+    @field_validator("budget_url")
+    @classmethod
+    def _check_budget(cls, value: str | None) -> str | None:
+        if value in (None, "", "file"):
+            return None
+        assert value is not None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be 'file' or a redis://host:port/db URL")
+        return value
+
+    def with_changes(self, **changes: Any) -> LLMConfig:
+        """A validated copy with some fields changed."""
+        data = self.model_dump()
+        data.update(changes)
+        return LLMConfig.model_validate(data)
+
+
+# ---------------------------------------------------------------------------------------
+# The option table
+
+
+def _float_list(text: str) -> list[float]:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if not parts:
+        raise ValueError("expected a comma-separated list of numbers, e.g. 0,0.7")
+    values = [float(p) for p in parts]
+    for v in values:
+        if not 0.0 <= v <= 2.0:
+            raise ValueError(f"temperature {v:g} is outside 0..2")
+    return values
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: where it comes from and where it goes."""
+
+    dest: str  # also the ini key and the argparse dest
+    flag: str | None  # command-line flag; None for ini/env-only settings
+    env: str | None
+    field: str | None  # dotted LLMConfig field, or None for plugin-only settings
+    help: str
+    parse: Callable[[str], Any] = str
+    kind: Literal["value", "flag", "append"] = "value"
+    metavar: str | None = None
+    extra_env: tuple[str, ...] = ()  # fallbacks after ``env`` (OPENAI_*)
+
+    @property
+    def name(self) -> str:
+        return self.flag or self.dest
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("llm_model", "--llm-model", "LLMBENCH_MODEL", "model", "model to call", metavar="NAME"),
+    Option(
+        "llm_base_url",
+        "--llm-base-url",
+        "LLMBENCH_BASE_URL",
+        "base_url",
+        "OpenAI-compatible API base URL (default: OPENAI_BASE_URL, else api.openai.com)",
+        metavar="URL",
+        extra_env=("OPENAI_BASE_URL",),
+    ),
+    Option(
+        "llm_organization",
+        "--llm-organization",
+        "LLMBENCH_ORGANIZATION",
+        "organization",
+        "OpenAI organization id",
+        extra_env=("OPENAI_ORG_ID",),
+    ),
+    Option(
+        "llm_project",
+        "--llm-project",
+        "LLMBENCH_PROJECT",
+        "project",
+        "OpenAI project id",
+        extra_env=("OPENAI_PROJECT_ID",),
+    ),
+    Option(
+        "llm_max_tokens",
+        "--llm-max-tokens",
+        "LLMBENCH_MAX_TOKENS",
+        "max_tokens",
+        "default max_tokens per call",
+        int,
+        metavar="N",
+    ),
+    Option(
+        "llm_timeout",
+        "--llm-timeout",
+        "LLMBENCH_TIMEOUT",
+        "timeout",
+        "seconds before one HTTP request times out (then retried)",
+        float,
+        metavar="S",
+    ),
+    Option(
+        "llm_rpm",
+        "--llm-rpm",
+        "LLMBENCH_RPM",
+        "rpm",
+        "requests per minute the account allows (default: learned from headers)",
+        int,
+        metavar="N",
+    ),
+    Option(
+        "llm_tpm",
+        "--llm-tpm",
+        "LLMBENCH_TPM",
+        "tpm",
+        "tokens per minute the account allows (default: learned from headers)",
+        int,
+        metavar="N",
+    ),
+    Option(
+        "llm_burst_seconds",
+        "--llm-burst-seconds",
+        "LLMBENCH_BURST_SECONDS",
+        "burst_seconds",
+        "burst cap of the shared budget, in seconds of refill",
+        float,
+        metavar="S",
+    ),
+    Option(
+        "llm_concurrency",
+        "--llm-concurrency",
+        "LLMBENCH_CONCURRENCY",
+        "max_concurrency",
+        "requests in flight at most per process",
+        int,
+        metavar="N",
+    ),
+    Option(
+        "llm_max_retries",
+        "--llm-max-retries",
+        "LLMBENCH_MAX_RETRIES",
+        "max_retries",
+        "retries per call after the first attempt",
+        int,
+        metavar="N",
+    ),
+    Option(
+        "llm_backoff_min",
+        "--llm-backoff-min",
+        "LLMBENCH_BACKOFF_MIN",
+        "backoff_min",
+        "first backoff step in seconds",
+        float,
+        metavar="S",
+    ),
+    Option(
+        "llm_backoff_max",
+        "--llm-backoff-max",
+        "LLMBENCH_BACKOFF_MAX",
+        "backoff_max",
+        "longest backoff in seconds",
+        float,
+        metavar="S",
+    ),
+    Option(
+        "llm_run_dir",
+        "--llm-run-dir",
+        "LLMBENCH_RUN_DIR",
+        "run_dir",
+        "where responses, budget state and batch jobs live",
+        Path,
+        metavar="DIR",
+    ),
+    Option(
+        "llm_budget",
+        "--llm-budget",
+        "LLMBENCH_BUDGET",
+        "budget_url",
+        "shared budget: 'file' (default) or redis://host:port/db",
+        metavar="URL",
+    ),
+    Option(
+        "llm_batch_poll",
+        "--llm-batch-poll",
+        "LLMBENCH_BATCH_POLL",
+        "batch.poll_interval",
+        "seconds between Batch API polls",
+        float,
+        metavar="S",
+    ),
+    Option(
+        "llm_batch_timeout",
+        "--llm-batch-timeout",
+        "LLMBENCH_BATCH_TIMEOUT",
+        "batch.timeout",
+        "give up waiting for batch jobs after S seconds (they resume next run)",
+        float,
+        metavar="S",
+    ),
+    Option(
+        "llm_batch_detach",
+        "--llm-batch-detach",
+        "LLMBENCH_BATCH_DETACH",
+        "batch.detach",
+        "submit the batch job(s) and exit; the next run collects",
+        _bool,
+        kind="flag",
+    ),
+    Option(
+        "llm_batch_fallback",
+        "--llm-batch-fallback",
+        "LLMBENCH_BATCH_FALLBACK",
+        "batch.fallback",
+        "'none' (default) or 'live': call the API for lines the Batch API failed",
+        metavar="MODE",
+    ),
+    Option(
+        "llm_batch_max_rounds",
+        "--llm-batch-max-rounds",
+        "LLMBENCH_BATCH_MAX_ROUNDS",
+        "batch.max_rounds",
+        "rounds of dependent calls at most",
+        int,
+        metavar="N",
+    ),
+    Option(
+        "llm_batch_max_requests",
+        None,
+        "LLMBENCH_BATCH_MAX_REQUESTS",
+        None,
+        "requests per batch input file at most (default 50000; lower only for tests)",
+        int,
+    ),
+    # plugin-only settings
+    Option(
+        "batch_api",
+        "--batch-api",
+        "LLMBENCH_BATCH_API",
+        "batch.enabled",
+        "fetch every response through one Batch API job (half price)",
+        _bool,
+        kind="flag",
+    ),
+    Option(
+        "llm_sim",
+        "--llm-sim",
+        "LLMBENCH_SIM",
+        None,
+        "run against the built-in OpenAI simulator (no key, no network)",
+        _bool,
+        kind="flag",
+    ),
+    Option(
+        "llm_temperatures",
+        "--llm-temperatures",
+        "LLMBENCH_TEMPERATURES",
+        None,
+        "temperatures for every llmbench suite, overriding the marker",
+        _float_list,
+        metavar="T,T",
+    ),
+    Option(
+        "llm_limit",
+        "--llm-limit",
+        "LLMBENCH_LIMIT",
+        None,
+        "keep the first N items of each dataset",
+        int,
+        metavar="N",
+    ),
+    Option(
+        "llm_sample",
+        "--llm-sample",
+        "LLMBENCH_SAMPLE",
+        None,
+        "keep a seeded sample of N items of each dataset",
+        int,
+        metavar="N",
+    ),
+    Option(
+        "llm_seed", "--llm-seed", "LLMBENCH_SEED", None, "seed of --llm-sample", str, metavar="S"
+    ),
+    Option(
+        "llm_no_prefetch",
+        "--llm-no-prefetch",
+        "LLMBENCH_NO_PREFETCH",
+        None,
+        "do not plan and prefetch requests; each test calls the API itself",
+        _bool,
+        kind="flag",
+    ),
+    Option(
+        "llm_fresh",
+        "--llm-fresh",
+        "LLMBENCH_FRESH",
+        None,
+        "ignore stored responses (new ones are still saved)",
+        _bool,
+        kind="flag",
+    ),
+    Option(
+        "llm_report",
+        "--llm-report",
+        "LLMBENCH_REPORT",
+        None,
+        "write the JSON report to PATH",
+        Path,
+        metavar="PATH",
+    ),
+    Option(
+        "llm_gate",
+        "--llm-gate",
+        None,
+        None,
+        "CI gate 'suite[@T]:metric>=value' (repeatable); gates decide the exit status",
+        kind="append",
+        metavar="GATE",
+    ),
+    Option(
+        "llm_prices",
+        "--llm-prices",
+        "LLMBENCH_PRICES",
+        None,
+        "JSON file of USD prices per 1M tokens, overriding the built-in table",
+        Path,
+        metavar="FILE",
+    ),
+    Option(
+        "llm_sim_config",
+        "--llm-sim-config",
+        "LLMBENCH_SIM_CONFIG",
+        None,
+        "JSON file of simulator settings for --llm-sim",
+        Path,
+        metavar="FILE",
+    ),
+)
+
+OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
+
+
+def _parse(option: Option, raw: Any, origin: str) -> Any:
+    if raw is None:
+        return None
+    if option.kind == "append":
+        items = raw if isinstance(raw, list) else [raw]
+        return [str(i).strip() for i in items if str(i).strip()]
+    if not isinstance(raw, str):
+        return raw  # already typed by argparse
+    try:
+        return option.parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{origin}: invalid value {raw!r}: {exc}") from None
+
+
+def resolve_settings(
+    cli: Mapping[str, Any],
+    env: Mapping[str, str],
+    ini: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Merge the sources for every option in ``OPTIONS``; returns ``{dest: value}``.
+
+    ``cli`` holds argparse values (None or False/[] when not given), ``ini`` the raw ini
+    values (None or empty when unset). Values that are still None are left out.
+    """
+    result: dict[str, Any] = {}
+    for option in OPTIONS:
+        value: Any = None
+        given = cli.get(option.dest)
+        if given not in (None, False, []):
+            value = _parse(option, given, option.name)
+        else:
+            for var in (option.env, *option.extra_env):
+                if var and env.get(var, "") != "":
+                    value = _parse(option, env[var], f"environment variable {var}")
+                    break
+            else:
+                raw_ini = ini.get(option.dest)
+                if raw_ini not in (None, "", []):
+                    value = _parse(option, raw_ini, f"ini option {option.dest}")
+        if value is not None:
+            result[option.dest] = value
+    return result
+
+
+def build_config(settings: Mapping[str, Any], env: Mapping[str, str] | None = None) -> LLMConfig:
+    """Build an :class:`LLMConfig` from resolved settings, naming the option on error."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    batch: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for dest, value in settings.items():
+        option = OPTIONS_BY_DEST[dest]
+        if option.field is None:
+            continue
+        if option.field.startswith("batch."):
+            batch[option.field.split(".", 1)[1]] = value
+            origin["batch." + option.field.split(".", 1)[1]] = option.name
+        else:
+            data[option.field] = value
+            origin[option.field] = option.name
+    key = env.get("OPENAI_API_KEY", "")
+    if key:
+        data["api_key"] = SecretStr(key)
+    if batch:
+        data["batch"] = batch
+    try:
+        return LLMConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        name = origin.get(loc, loc)
+        raise ConfigError(f"{name}: {first['msg']}") from None
+
+
+def option_reference() -> str:
+    """The README's option table, generated from ``OPTIONS``."""
+    rows = ["| option | ini key | environment | meaning |", "| --- | --- | --- | --- |"]
+    for o in OPTIONS:
+        flag = f"`{o.flag}`" if o.flag else ""
+        if o.metavar:
+            flag = f"`{o.flag} {o.metavar}`"
+        env = ", ".join(f"`{v}`" for v in (o.env, *o.extra_env) if v)
+        rows.append(f"| {flag} | `{o.dest}` | {env} | {o.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,400 @@
+"""Loading benchmark datasets (JSONL, JSON, CSV, iterables) into items with stable ids.
+
+An item's id ends up in the pytest node id, which keys ``--lf`` history, cassettes and
+stored responses. So ids come from an id field or from a hash of the row's content, never
+from the row's position: inserting a row must not re-key the rows after it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from .errors import DatasetError
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "DatasetSource",
+    "Item",
+    "case_id",
+    "clear_cache",
+    "format_temperature",
+    "load_dataset",
+    "sanitize_id",
+    "select",
+]
+
+SUPPORTED_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".csv")
+
+DatasetSource: TypeAlias = (
+    str | os.PathLike[str] | Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
+)
+
+_MAX_ID_LEN = 40
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One dataset row.
+
+    ``id`` is safe to use in a pytest node id; ``line`` is the 1-based line the row starts
+    on (None for rows from an iterable); ``source`` is the path as given, or a name for an
+    iterable. ``data`` is shared by every test that loads the same file: treat it as
+    read-only.
+    """
+
+    id: str
+    data: dict[str, Any]
+    line: int | None
+    source: str
+
+    def __getitem__(self, field: str) -> Any:
+        return self.data[field]
+
+
+@dataclass(frozen=True)
+class _Row:
+    data: dict[str, Any]
+    where: int  # the line for files, the 1-based position for iterables
+
+
+_CacheKey: TypeAlias = tuple[str, int, int, str | None, tuple[str, ...]]
+_cache: dict[_CacheKey, list[Item]] = {}
+_cache_lock = threading.Lock()
+
+
+def load_dataset(
+    source: DatasetSource,
+    *,
+    base_dir: Path | None = None,
+    id_field: str | None = None,
+    required: Sequence[str] = (),
+) -> list[Item]:
+    """Load a dataset and give every row a stable id.
+
+    ``source`` is a path to a ``.jsonl``/``.ndjson``, ``.json`` (an array of objects) or
+    ``.csv`` file (header row, values stay strings), relative to ``base_dir`` (the test
+    file's directory); or an iterable of mappings, or a callable returning one.
+
+    The id is ``str(row[id_field])`` when ``id_field`` is given, else the first 8 hex
+    digits of the sha256 of the row's canonical JSON (16 for rows whose first 8 collide).
+    Either way it is sanitised for node ids (see :func:`sanitize_id`). Two rows with the
+    same id are an error, and so are two identical rows without ``id_field``: identical
+    content cannot get distinct stable ids.
+
+    Files are cached per process by (resolved path, mtime, size, id_field, required), so a
+    dataset used by several tests is read once. Raises :class:`DatasetError`.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return _load_file(Path(source), base_dir, id_field, tuple(required))
+    if isinstance(source, Mapping):
+        raise DatasetError("got a single mapping; pass a list of rows or a path")
+    if callable(source):
+        name = f"{getattr(source, '__qualname__', type(source).__name__)}()"
+        rows = source()
+    else:
+        name, rows = "<iterable>", source
+    try:
+        iterator = iter(rows)
+    except TypeError:
+        raise DatasetError(f"expected an iterable of rows, got {type(rows).__name__}") from None
+    parsed: list[_Row] = []
+    for pos, row in enumerate(iterator, start=1):
+        if not isinstance(row, Mapping):
+            raise DatasetError(f"expected a mapping, got {type(row).__name__}", path=name, line=pos)
+        parsed.append(_Row(dict(row), pos))
+    return _make_items(parsed, name, id_field, tuple(required), file_lines=False)
+
+
+def clear_cache() -> None:
+    """Forget every dataset loaded from a file in this process."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _load_file(
+    given: Path, base_dir: Path | None, id_field: str | None, required: tuple[str, ...]
+) -> list[Item]:
+    display = str(given)
+    path = given if given.is_absolute() or base_dir is None else base_dir / given
+    resolved = path.resolve()
+    try:
+        st = resolved.stat()
+    except FileNotFoundError:
+        raise DatasetError(f"file not found (resolved to {resolved})", path=display) from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read: {exc.strerror} ({resolved})", path=display) from None
+    key: _CacheKey = (str(resolved), st.st_mtime_ns, st.st_size, id_field, required)
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is not None:
+        return list(cached)
+
+    suffix = resolved.suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        supported = ", ".join(SUPPORTED_EXTENSIONS)
+        raise DatasetError(f"unknown extension {suffix!r}; supported: {supported}", path=display)
+    try:
+        # utf-8-sig: spreadsheet exports often start with a BOM that would end up in a key.
+        text = resolved.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"not UTF-8 text ({exc.reason})", path=display) from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read: {exc.strerror} ({resolved})", path=display) from None
+
+    if suffix == ".csv":
+        rows = _parse_csv(text, display)
+    elif suffix == ".json":
+        rows = _parse_json_array(text, display)
+    else:
+        rows = _parse_jsonl(text, display)
+    items = _make_items(rows, display, id_field, required, file_lines=True)
+    with _cache_lock:
+        _cache[key] = items
+    return list(items)
+
+
+def _parse_jsonl(text: str, path: str) -> list[_Row]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(
+                f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=lineno
+            ) from None
+        if not isinstance(value, dict):
+            raise DatasetError(
+                f"expected a JSON object, got {_json_type(value)}", path=path, line=lineno
+            )
+        rows.append(_Row(value, lineno))
+    return rows
+
+
+def _parse_json_array(text: str, path: str) -> list[_Row]:
+    # Decoding element by element gives each row the line it starts on, for error messages.
+    decoder = json.JSONDecoder()
+    rows: list[_Row] = []
+    line, counted = 1, 0
+
+    def skip_ws(pos: int) -> int:
+        match = _JSON_WS.match(text, pos)
+        return match.end() if match else pos
+
+    def fail(message: str, pos: int) -> DatasetError:
+        return DatasetError(message, path=path, line=text.count("\n", 0, pos) + 1)
+
+    pos = skip_ws(0)
+    if not text.startswith("[", pos):
+        if text.startswith("{", pos):
+            raise fail("expected a JSON array of objects, got an object (use [...] or .jsonl)", pos)
+        raise fail("expected a JSON array of objects", pos)
+    pos = skip_ws(pos + 1)
+    closed = text.startswith("]", pos)
+    if closed:
+        pos += 1
+    while not closed:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
+        line += text.count("\n", counted, pos)
+        counted = pos
+        if not isinstance(value, dict):
+            raise DatasetError(
+                f"expected a JSON object, got {_json_type(value)}", path=path, line=line
+            )
+        rows.append(_Row(value, line))
+        pos = skip_ws(end)
+        if text.startswith(",", pos):
+            pos = skip_ws(pos + 1)
+        elif text.startswith("]", pos):
+            pos, closed = pos + 1, True
+        else:
+            raise fail("invalid JSON: expected ',' or ']' after an array element", pos)
+    if skip_ws(pos) != len(text):
+        raise fail("invalid JSON: extra data after the array", skip_ws(pos))
+    return rows
+
+
+def _parse_csv(text: str, path: str) -> list[_Row]:
+    reader = csv.reader(text.splitlines(keepends=True))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as exc:
+        raise DatasetError(f"invalid CSV: {exc}", path=path, line=1) from None
+    dupes = [name for i, name in enumerate(header) if name in header[:i]]
+    if dupes:
+        raise DatasetError("duplicate column in the header", path=path, line=1, field=dupes[0])
+    rows = []
+    start = reader.line_num + 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DatasetError(f"invalid CSV: {exc}", path=path, line=start) from None
+        if record:  # a blank line
+            if len(record) != len(header):
+                raise DatasetError(
+                    f"expected {len(header)} columns (as in the header), got {len(record)}",
+                    path=path,
+                    line=start,
+                )
+            rows.append(_Row(dict(zip(header, record, strict=True)), start))
+        start = reader.line_num + 1
+    return rows
+
+
+def _json_type(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _make_items(
+    rows: list[_Row],
+    source: str,
+    id_field: str | None,
+    required: tuple[str, ...],
+    *,
+    file_lines: bool,
+) -> list[Item]:
+    if not rows:
+        raise DatasetError("dataset is empty", path=source)
+    unit = "line" if file_lines else "item"
+    for row in rows:
+        for name in required:
+            if name not in row.data:
+                raise DatasetError(
+                    "required field missing", path=source, line=row.where, field=name
+                )
+    raw_ids = _hash_ids(rows, source) if id_field is None else _field_ids(rows, source, id_field)
+    items: list[Item] = []
+    first_seen: dict[str, tuple[int, str]] = {}
+    for row, raw in zip(rows, raw_ids, strict=True):
+        item_id = sanitize_id(raw)
+        if item_id in first_seen:
+            other_line, other_raw = first_seen[item_id]
+            if id_field is None:
+                message = (
+                    f"identical to the row on {unit} {other_line}; identical rows cannot get "
+                    "distinct stable ids (remove one, or add an id field)"
+                )
+            elif other_raw == raw:
+                message = f"duplicate id {raw!r} (also on {unit} {other_line})"
+            else:
+                message = (
+                    f"id {raw!r} becomes {item_id!r} in node ids, like {other_raw!r} on "
+                    f"{unit} {other_line}"
+                )
+            raise DatasetError(message, path=source, line=row.where)
+        first_seen[item_id] = (row.where, raw)
+        items.append(Item(item_id, row.data, row.where if file_lines else None, source))
+    return items
+
+
+def _field_ids(rows: list[_Row], source: str, id_field: str) -> list[str]:
+    ids = []
+    for row in rows:
+        value = row.data.get(id_field)
+        if value is None or value == "":
+            raise DatasetError(
+                "id field missing or empty", path=source, line=row.where, field=id_field
+            )
+        ids.append(str(value))
+    return ids
+
+
+def _hash_ids(rows: list[_Row], source: str) -> list[str]:
+    digests = []
+    for row in rows:
+        try:
+            canonical = json.dumps(
+                row.data, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            )
+        except (TypeError, ValueError) as exc:
+            # Falling back to repr() could embed memory addresses: ids would differ between
+            # xdist workers and the run would abort with "Different tests were collected".
+            raise DatasetError(
+                f"row is not JSON-serialisable ({exc}); pass id_field=...",
+                path=source,
+                line=row.where,
+            ) from None
+        digests.append(hashlib.sha256(canonical.encode()).hexdigest())
+    # 8 hex digits collide between *different* rows with odds ~n^2/2^33 (about 1% at 10k
+    # rows). Such rows get 16 digits; deciding by the set of rows, not their order, keeps
+    # the choice stable when rows move.
+    by_prefix: dict[str, set[str]] = {}
+    for digest in digests:
+        by_prefix.setdefault(digest[:8], set()).add(digest)
+    return [d[:16] if len(by_prefix[d[:8]]) > 1 else d[:8] for d in digests]
+
+
+def sanitize_id(raw: str) -> str:
+    """Make ``raw`` safe for a pytest node id.
+
+    Characters outside ``[A-Za-z0-9_.-]`` become ``_``. Ids longer than 40 characters are
+    cut to 32 plus ``-`` and 7 hex digits of the sha256 of the original, so distinct long
+    ids stay distinct.
+    """
+    safe = _UNSAFE_ID_CHARS.sub("_", raw)
+    if len(safe) > _MAX_ID_LEN:
+        safe = f"{safe[:32]}-{hashlib.sha256(raw.encode()).hexdigest()[:7]}"
+    return safe
+
+
+def select(
+    items: Sequence[Item],
+    *,
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int | str = 0,
+) -> list[Item]:
+    """Keep a deterministic subset of ``items``, in their original order.
+
+    ``limit`` keeps the first N items. ``sample`` then keeps the N items whose
+    ``sha256(f"{seed}::{id}")`` sorts lowest, which picks the same items on every process
+    and machine and keeps picking them when rows are appended to the dataset. With both,
+    the sample is drawn from the first ``limit`` items.
+    """
+    for name, value in (("limit", limit), ("sample", sample)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    chosen = list(items if limit is None else items[:limit])
+    if sample is not None and sample < len(chosen):
+
+        def rank(item: Item) -> str:
+            return hashlib.sha256(f"{seed}::{item.id}".encode()).hexdigest()
+
+        keep = {id(item) for item in sorted(chosen, key=rank)[:sample]}
+        chosen = [item for item in chosen if id(item) in keep]
+    return chosen
+
+
+def format_temperature(t: float) -> str:
+    """The node-id form of a temperature: ``t0``, ``t0.5``, ``t1``.
+
+    ``0`` and ``0.0`` give the same id (plain ``str()`` would not).
+    """
+    return f"t{(t + 0.0):g}"  # + 0.0 turns -0.0 into 0.0
+
+
+def case_id(item_id: str, temperature: float, sample: int | None = None) -> str:
+    """The parametrize id of one case: ``q0042-t0.5``, or ``q0042-t0.5-s3`` for sample 3."""
+    base = f"{item_id}-{format_temperature(temperature)}"
+    return base if sample is None else f"{base}-s{sample}"

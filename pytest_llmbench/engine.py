@@ -1,0 +1,323 @@
+"""Plan -> fetch -> replay: how a run reaches the account's rate limit.
+
+pytest runs one test at a time per process, so ``-n 8`` alone keeps at most 8 requests in
+flight. Instead, before any worker starts, the controlling process:
+
+1. **plans**: runs the same pytest invocation in a subprocess with
+   ``PYTEST_LLMBENCH_PHASE=plan``. There the ``llm`` fixture records each request that is
+   not stored yet and stops the test with :class:`LLMPending` (a BaseException, so a
+   test's ``except Exception`` cannot swallow it). ``--lf``, ``-k``, ``-m`` and
+   ``--deselect`` select exactly what the real run will, because the subprocess gets the
+   same arguments and a copy of the cache directory (its writes go to the copy, so the
+   real ``--lf`` state is never touched).
+2. **fetches** every planned request concurrently, paced by the shared budget, saving each
+   answer the moment it arrives (live), or through the Batch API (``batch.py``).
+3. lets the real session **replay**: the tests find their answers stored. Calls the plan
+   could not know (a second call that depends on the first answer) run live, through the
+   same budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .runtime import PHASE_ENV, is_worker
+
+if TYPE_CHECKING:
+    from .runtime import RunState
+
+SPOOL_ENV = "PYTEST_LLMBENCH_SPOOL"
+SHARED_ENV = "PYTEST_LLMBENCH_SHARED"
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    key: str
+    nodeid: str
+    ordinal: int
+    endpoint: str
+    body: dict[str, Any]
+
+
+# ------------------------------------------------------------------------ plan phase
+def plan_recorder(config: pytest.Config) -> Callable[[str, str, int, str, dict[str, Any]], None]:
+    """The ``record`` callback of the plan phase: one JSON line per unanswered request."""
+    path = Path(os.environ[SPOOL_ENV])
+
+    def record(key: str, nodeid: str, ordinal: int, endpoint: str, body: dict[str, Any]) -> None:
+        row = {"key": key, "nodeid": nodeid, "ordinal": ordinal, "endpoint": endpoint, "body": body}
+        line = json.dumps(row, sort_keys=True)
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    return record
+
+
+def plan_filter(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
+    """In the plan phase only tests that use ``llm`` and did not opt out run."""
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("llmbench")
+        opted_out = marker is not None and marker.kwargs.get("plan", True) is False
+        uses_llm = "llm" in getattr(item, "fixturenames", ())
+        (keep if uses_llm and not opted_out else drop).append(item)
+    return keep, drop
+
+
+def read_spool(path: Path) -> list[PlannedRequest]:
+    """Planned requests, deduplicated by key, in the order they were recorded."""
+    seen: dict[str, PlannedRequest] = {}
+    if not path.exists():
+        return []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn line of a killed plan run; that test is simply not prefetched
+        key = row["key"]
+        if key not in seen:
+            seen[key] = PlannedRequest(
+                key, row.get("nodeid", ""), row.get("ordinal", 0), row["endpoint"], row["body"]
+            )
+    return list(seen.values())
+
+
+def run_plan(
+    config: pytest.Config, state: RunState, workdir: Path
+) -> tuple[list[PlannedRequest], float]:
+    """Run the plan subprocess; returns the planned requests and the seconds it took."""
+    started = time.perf_counter()
+    spool = workdir / "plan.jsonl"
+    spool.unlink(missing_ok=True)
+    args = list(config.invocation_params.args)
+    cache_copy = workdir / "cache"
+    shutil.rmtree(cache_copy, ignore_errors=True)
+    cachedir = _cache_dir(config)
+    if cachedir is not None and cachedir.exists():
+        shutil.copytree(cachedir, cache_copy)
+    extra = [
+        "-o",
+        f"cache_dir={cache_copy}",
+        "--maxfail=0",
+        "-q",
+        "-p",
+        "no:randomly",
+        "--no-header",
+        "-rN",
+        f"--basetemp={workdir / 'tmp'}",
+    ]
+    if config.pluginmanager.hasplugin("xdist"):
+        extra += ["-n", "0"]
+    if any(a.startswith(("--junitxml", "--junit-xml")) for a in args):
+        extra.append(f"--junitxml={workdir / 'plan-junit.xml'}")
+    if any(a.startswith("--llm-report") for a in args):
+        extra.append(f"--llm-report={workdir / 'plan-report.json'}")
+    env = dict(os.environ)
+    env[PHASE_ENV] = "plan"
+    env[SPOOL_ENV] = str(spool)
+    env[SHARED_ENV] = json.dumps(state.shared_for_children())
+    log = workdir / "plan.log"
+    with log.open("wb") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", *args, *extra],
+            cwd=config.invocation_params.dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    elapsed = time.perf_counter() - started
+    if proc.returncode not in (0, 1, 5):
+        # collection errors, usage errors...: the real session reports them itself
+        return [], elapsed
+    return read_spool(spool), elapsed
+
+
+def _cache_dir(config: pytest.Config) -> Path | None:
+    cache = getattr(config, "cache", None)
+    return Path(cache._cachedir) if cache is not None else None
+
+
+# ------------------------------------------------------------------------ controller
+def uses_llm(items: Iterable[pytest.Item]) -> bool:
+    return any("llm" in getattr(item, "fixturenames", ()) for item in items)
+
+
+def _flag_path(state: RunState, workerid: str) -> Path:
+    return state.llm_config.run_dir / f"collected-{state.run_token}-{workerid}.flag"
+
+
+def write_collection_flag(config: pytest.Config, state: RunState, value: bool) -> None:
+    from .store import ensure_run_dir
+
+    ensure_run_dir(state.llm_config.run_dir)
+    workerid = getattr(config, "workerinput", {}).get("workerid", "main")
+    _flag_path(state, workerid).write_text("1" if value else "0", encoding="utf-8")
+
+
+def read_collection_flag(state: RunState, workerid: str) -> bool:
+    path = _flag_path(state, workerid)
+    try:
+        return path.read_text(encoding="utf-8") == "1"
+    except OSError:
+        return True  # unknown: planning costs one subprocess, skipping it costs throughput
+
+
+def remove_collection_flags(state: RunState) -> None:
+    run_dir = state.llm_config.run_dir
+    if run_dir.is_dir():
+        for stale in run_dir.glob(f"collected-{state.run_token}-*.flag"):
+            stale.unlink(missing_ok=True)
+
+
+def prefetch_enabled(config: pytest.Config, state: RunState) -> bool:
+    if is_worker(config) or state.phase != "run":
+        return False
+    if state.settings.get("llm_no_prefetch") and not state.llm_config.batch.enabled:
+        return False
+    opt = config.option
+    return not (opt.collectonly or getattr(opt, "setuponly", False) or getattr(opt, "help", False))
+
+
+def maybe_prefetch(config: pytest.Config, state: RunState) -> None:
+    """Plan and fetch before the session runs (controller only)."""
+    if not prefetch_enabled(config, state):
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="llmbench-plan-"))
+    try:
+        if state.llm_config.batch.enabled:
+            _batch_rounds(config, state, workdir)
+        else:
+            planned, plan_s = run_plan(config, state, workdir)
+            if planned:
+                state.check_credentials()
+                state.mode = "prefetch"
+                fetch_live(config, state, planned, plan_s)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None:
+    """Plan, batch, and plan again with the first answers until nothing new is asked."""
+    from .batch import fetch_batch
+
+    settings = state.llm_config.batch
+    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
+    state.mode = "batch"
+    asked: set[str] = set()
+    rounds = 0
+    leftover: set[str] = set()
+    plan_total = 0.0
+    while True:
+        planned, plan_s = run_plan(config, state, workdir)
+        plan_total += plan_s
+        todo = [p for p in planned if not state.is_answered(p.key)]
+        if not todo:
+            break
+        state.check_credentials()
+        if rounds >= settings.max_rounds or {p.key for p in todo} <= asked:
+            leftover = {p.key for p in todo}
+            break
+        asked |= {p.key for p in todo}
+        rounds += 1
+        _, retry = fetch_batch(config, state, todo, deadline)
+        leftover = retry
+    meta = state.report_meta.setdefault("batch", {"jobs": [], "waited_s": 0.0})
+    meta.update({"rounds": rounds, "plan_s": round(plan_total, 3), "unanswered": len(leftover)})
+    jobs = ", ".join(meta["jobs"]) or "none (all answers stored)"
+    state.summary_notes.append(
+        f"llmbench batch: {rounds} round(s), job(s) {jobs}; waited {meta['waited_s']:.1f}s"
+        + (f"; {len(leftover)} request(s) left unanswered" if leftover else "")
+    )
+
+
+def fetch_live(
+    config: pytest.Config, state: RunState, planned: list[PlannedRequest], plan_s: float
+) -> None:
+    """Send every planned request concurrently within the budget; store each answer."""
+    import asyncio
+
+    from .progress import Progress
+
+    todo = [p for p in planned if not state.is_answered(p.key)]
+    progress = Progress(config, "llmbench prefetch", total=len(todo), rpm=state.llm_config.rpm)
+    started = time.perf_counter()
+    asyncio.run(_fetch_all(state, todo, progress))
+    progress.finish()
+    wall = time.perf_counter() - started
+    rate = progress.done / wall if wall > 0 else 0.0
+    state.summary_notes.append(
+        f"llmbench prefetch: planned {len(planned)} request(s) in {plan_s:.1f}s, fetched "
+        f"{progress.done} in {wall:.1f}s ({rate:.1f}/s), {progress.failed} failed "
+        f"(retried live in the run), 429s {progress.rate_limited}, retries {progress.retries}"
+    )
+    state.report_meta.update(
+        {
+            "prefetch": {
+                "planned": len(planned),
+                "fetched": progress.done,
+                "failed": progress.failed,
+                "plan_s": round(plan_s, 3),
+                "fetch_s": round(wall, 3),
+                "rate_limited": progress.rate_limited,
+            }
+        }
+    )
+
+
+async def _fetch_all(state: RunState, todo: Iterable[PlannedRequest], progress: Any) -> None:
+    import asyncio
+
+    import openai
+
+    from .errors import LLMCallError
+
+    shared = state.client._shared
+    stats = state.client.stats
+    store = state.store
+    gate = asyncio.Semaphore(state.llm_config.max_concurrency)
+    aclient = openai.AsyncOpenAI(**shared._client_kwargs())
+
+    async def one(req: PlannedRequest) -> None:
+        async with gate:
+            try:
+                raw = await shared.asend(req.body, stats, aclient)
+            except LLMCallError as exc:
+                progress.fail(exc)
+                return
+            await asyncio.to_thread(
+                store.put,
+                req.key,
+                nodeid=req.nodeid,
+                ordinal=req.ordinal,
+                endpoint=req.endpoint,
+                request=req.body,
+                response=raw.body,
+                headers=raw.headers,
+                latency_s=raw.latency,
+                source="prefetch",
+                replace=state.fresh_since is not None,
+            )
+            progress.advance(
+                raw.attempts - 1,
+                raw.rate_limited,
+                int((raw.body.get("usage") or {}).get("total_tokens") or 0),
+            )
+
+    try:
+        await asyncio.gather(*(one(r) for r in todo))
+    finally:
+        await aclient.close()

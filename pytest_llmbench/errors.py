@@ -1,0 +1,79 @@
+"""Exceptions raised by pytest-llmbench.
+
+Every error a user can cause carries a short message that names the thing at fault
+(an option, a dataset file and line, a request parameter). None of them ever contains
+an API key.
+"""
+
+from __future__ import annotations
+
+
+class LLMBenchError(Exception):
+    """Base class of every error pytest-llmbench raises on purpose."""
+
+
+class ConfigError(LLMBenchError):
+    """A setting is missing or invalid; the message names the option and what is allowed."""
+
+
+class DatasetError(LLMBenchError):
+    """A dataset cannot be loaded; the message names the file, line and field at fault."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        where = path or "<dataset>"
+        if line is not None:
+            where += f":{line}"
+        if field is not None:
+            where += f": field {field!r}"
+        super().__init__(f"{where}: {message}")
+
+
+class LLMCallError(LLMBenchError):
+    """An API call failed for good (not retryable, or retries exhausted).
+
+    ``status`` is the HTTP status (None for connection failures), ``code`` the API's
+    error code (``insufficient_quota``, ``model_not_found`` ...), ``attempts`` how many
+    HTTP requests were made for this call.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        attempts: int = 1,
+        retryable: bool = False,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.error_type = error_type
+        self.attempts = attempts
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class StoreError(LLMBenchError):
+    """The response store cannot be opened or written."""
+
+
+class BudgetError(LLMBenchError):
+    """A rate-limit budget cannot be used (bad URL, unreachable Redis, impossible request)."""
+
+
+class LLMPending(BaseException):
+    """Raised in the plan phase when a test reaches a call whose answer is not stored yet.
+
+    A BaseException so that a test's ``except Exception`` cannot swallow it.
+    """

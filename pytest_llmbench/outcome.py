@@ -1,0 +1,128 @@
+"""End of a run, in the controlling process: summaries, gates, exit status, report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .gates import Gate, GateResult
+    from .results import SuiteSummary
+    from .runtime import RunState
+
+
+@dataclass
+class RunSummary:
+    summaries: list[SuiteSummary]
+    total: SuiteSummary
+    gates: list[GateResult]
+    report_path: Path | None
+    mode: str
+    extra: list[str] = field(default_factory=list)
+
+
+def parse_gates(texts: list[str]) -> list[Gate]:
+    """Parse ``--llm-gate`` values early, so a typo is a usage error before any call."""
+    from .gates import parse_gate
+
+    try:
+        return [parse_gate(t) for t in texts]
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--llm-gate: {exc}") from None
+
+
+def run_mode(state: RunState) -> str:
+    if state.llm_config.batch.enabled:
+        return "batch"
+    return state.mode
+
+
+def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: float) -> int | None:
+    """Summarise, judge the gates and write the report; returns a new exit status or None."""
+    from .pricing import PriceTable
+    from .report import build_report, write_report
+    from .results import summarize, totals
+
+    gates = state.gates
+    cases = list(state.cases.values())
+    if not cases and not gates:
+        return None
+    prices_path = state.settings.get("llm_prices")
+    try:
+        prices = PriceTable.load(Path(prices_path)) if prices_path else PriceTable()
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--llm-prices: {exc}") from None
+    summaries = summarize(cases, prices)
+    total = totals(summaries)
+    from .gates import evaluate
+
+    results = evaluate(gates, summaries) if gates else []
+    new_status: int | None = None
+    if gates and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        # gates decide: cases may fail individually as long as the suite's figures hold
+        new_status = 0 if all(r.passed for r in results) else 1
+    final_status = exitstatus if new_status is None else new_status
+    report_path: Path | None = state.settings.get("llm_report")
+    if report_path is not None:
+        report_path = Path(report_path)
+        if not report_path.is_absolute():
+            report_path = config.invocation_params.dir / report_path
+        meta: dict[str, Any] = {
+            "model": state.llm_config.model,
+            "mode": run_mode(state),
+            "started_at": state.started_at,
+            "finished_at": now,
+            "pytest_args": list(config.invocation_params.args),
+            "python": platform.python_version(),
+            "workers": _workers(config),
+            "exit_status": int(final_status),
+            "base_url": state.llm_config.base_url or "https://api.openai.com/v1",
+            "simulator": state.sim_enabled,
+        }
+        meta.update(state.report_meta)
+        report = build_report(
+            meta=meta, cases=cases, summaries=summaries, total=total, gates=results
+        )
+        try:
+            write_report(report_path, report)
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    state.summary = RunSummary(summaries, total, results, report_path, run_mode(state))
+    return new_status
+
+
+def _workers(config: pytest.Config) -> int:
+    n = getattr(config.option, "numprocesses", None)
+    try:
+        return int(n) if n else 0
+    except (TypeError, ValueError):
+        return os.cpu_count() or 1
+
+
+def print_summary(terminalreporter: Any, state: RunState) -> None:
+    from .results import format_summary
+
+    summary: RunSummary = state.summary
+    tr = terminalreporter
+    tr.write_sep("=", f"llmbench summary ({summary.mode}, model {state.llm_config.model})")
+    for line in format_summary(summary.summaries, summary.total):
+        tr.write_line(line)
+    for line in state.summary_notes:
+        tr.write_line(line)
+    if summary.gates:
+        tr.write_line("")
+        for g in summary.gates:
+            tr.write_line(g.message, green=g.passed, red=not g.passed, bold=not g.passed)
+        verdict = "all gates hold" if all(g.passed for g in summary.gates) else "a gate failed"
+        tr.write_line(f"llmbench gates: {verdict}; gates decide the exit status")
+    if summary.report_path is not None:
+        tr.write_line(f"llmbench report: {summary.report_path}")
+    sys.stdout.flush()

@@ -1,0 +1,313 @@
+"""The pytest11 entry point: options, hooks and fixtures. Thin; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterator
+from typing import Any
+
+import pytest
+
+from .client import LLMClient
+from .config import OPTIONS, LLMConfig
+from .errors import DatasetError, LLMCallError, LLMPending
+from .runtime import MISSING_KEY, CaseAccumulator, RunState, is_worker
+
+STATE = pytest.StashKey[RunState]()
+CASE = pytest.StashKey[CaseAccumulator]()
+PARAM_FIXTURE = "_llmbench_param"
+MARKER_KWARGS = frozenset({"dataset", "temperatures", "id", "samples", "plan", "required"})
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("llmbench", "LLM benchmarks (pytest-llmbench)")
+    for o in OPTIONS:
+        if o.flag:
+            if o.kind == "flag":
+                group.addoption(
+                    o.flag, action="store_true", dest=o.dest, default=False, help=o.help
+                )
+            elif o.kind == "append":
+                group.addoption(
+                    o.flag, action="append", dest=o.dest, default=[], metavar=o.metavar, help=o.help
+                )
+            else:
+                group.addoption(o.flag, dest=o.dest, default=None, metavar=o.metavar, help=o.help)
+        parser.addini(o.dest, o.help, type="linelist" if o.kind == "append" else "string")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "llmbench(dataset, temperatures=None, id=None, samples=1, plan=True): run the test "
+        "once per dataset item x temperature (x sample) with the `case` and `llm` fixtures",
+    )
+    state = RunState.from_config(config)
+    config.stash[STATE] = state
+    controller = not is_worker(config) and state.phase == "run"
+    if controller:
+        if getattr(config.option, "cacheclear", False):
+            # pytest's --cache-clear clears stored responses too (controller only: workers
+            # start after this and must not wipe what a sibling just saved)
+            from .store import ResponseStore
+
+            with ResponseStore.open(state.llm_config.run_dir) as store:
+                store.clear()
+        if state.sim_enabled:
+            state.start_simulator()
+    config.pluginmanager.register(RunHooks(config, state), f"llmbench-run-{id(config)}")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistHooks(state), "llmbench-xdist")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(STATE, None)
+    if state is not None:
+        state.close()
+
+
+class XdistHooks:
+    """Registered only when xdist is loaded, so its hook names never need to exist."""
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        self.planned = False
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["llmbench"] = self.state.shared_for_children()
+
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        # The first worker to finish collecting says whether tests use `llm`; scheduling
+        # waits for this hook, so planning and fetching happen before any test runs.
+        if self.planned:
+            return
+        self.planned = True
+        from .engine import maybe_prefetch, read_collection_flag
+
+        if read_collection_flag(self.state, node.workerinput["workerid"]):
+            maybe_prefetch(node.config, self.state)
+
+
+# ---------------------------------------------------------------------- parametrization
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("llmbench")
+    if marker is None:
+        return
+    from .dataset import case_id, load_dataset, select
+
+    state = metafunc.config.stash[STATE]
+    where = f"{metafunc.definition.nodeid}: @pytest.mark.llmbench"
+    unknown = set(marker.kwargs) - MARKER_KWARGS
+    if unknown:
+        allowed = ", ".join(sorted(MARKER_KWARGS))
+        raise pytest.UsageError(
+            f"{where}: unknown argument(s) {sorted(unknown)}; allowed: {allowed}"
+        )
+    source = marker.kwargs.get("dataset", marker.args[0] if marker.args else None)
+    if source is None:
+        raise pytest.UsageError(f"{where}: needs dataset=PATH or an iterable of dicts")
+    temperatures = state.settings.get("llm_temperatures") or marker.kwargs.get("temperatures")
+    temps: list[float | None] = [None] if not temperatures else [float(t) for t in temperatures]
+    samples = int(marker.kwargs.get("samples", 1))
+    if samples < 1:
+        raise pytest.UsageError(f"{where}: samples must be at least 1")
+    try:
+        items = load_dataset(
+            source,
+            base_dir=metafunc.definition.path.parent,
+            id_field=marker.kwargs.get("id"),
+            required=tuple(marker.kwargs.get("required", ())),
+        )
+    except DatasetError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    items = select(
+        items,
+        limit=state.settings.get("llm_limit"),
+        sample=state.settings.get("llm_sample"),
+        seed=state.settings.get("llm_seed") or 0,
+    )
+    params = []
+    for item in items:
+        for t in temps:
+            for s in range(samples):
+                sample = s if samples > 1 else None
+                ident = (
+                    case_id(item.id, t, sample)
+                    if t is not None
+                    else item.id + (f"-s{s}" if sample is not None else "")
+                )
+                params.append(pytest.param((item, t, sample), id=ident))
+    if PARAM_FIXTURE not in metafunc.fixturenames:
+        metafunc.fixturenames.append(PARAM_FIXTURE)
+    metafunc.parametrize(PARAM_FIXTURE, params, indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash[STATE]
+    if state.phase == "plan":
+        from .engine import plan_filter
+
+        keep, drop = plan_filter(items)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture
+def _llmbench_param(request: pytest.FixtureRequest) -> Any:
+    return getattr(request, "param", None)
+
+
+@pytest.fixture
+def case(_llmbench_param: Any) -> dict[str, Any]:
+    """The dataset item of this test case (a dict)."""
+    if _llmbench_param is None:
+        raise pytest.UsageError("the `case` fixture needs @pytest.mark.llmbench(dataset=...)")
+    return dict(_llmbench_param[0].data)
+
+
+@pytest.fixture
+def temperature(_llmbench_param: Any) -> float | None:
+    """The temperature of this test case (None when the suite names none)."""
+    return None if _llmbench_param is None else _llmbench_param[1]
+
+
+@pytest.fixture
+def sample_index(_llmbench_param: Any) -> int | None:
+    """The sample number of this case when the suite asks for ``samples=K``."""
+    return None if _llmbench_param is None else _llmbench_param[2]
+
+
+@pytest.fixture(scope="session")
+def llm_config(pytestconfig: pytest.Config) -> LLMConfig:
+    """The resolved configuration (options > environment > ini > defaults)."""
+    return pytestconfig.stash[STATE].llm_config
+
+
+@pytest.fixture
+def llm(request: pytest.FixtureRequest, temperature: float | None) -> Iterator[LLMClient]:
+    """A client bound to this case: its temperature, the shared budget, the store."""
+    state = request.config.stash[STATE]
+    if state.phase == "run" and not state.has_credentials():
+        pytest.exit(MISSING_KEY, returncode=pytest.ExitCode.USAGE_ERROR)
+    acc = request.node.stash.setdefault(CASE, CaseAccumulator())
+    recorder = _recorder(request.config) if state.phase == "plan" else None
+    yield state.bound_client(request.node.nodeid, temperature, acc, recorder)
+
+
+def _recorder(config: pytest.Config) -> Any:
+    from .engine import plan_recorder
+
+    return plan_recorder(config)
+
+
+# ---------------------------------------------------------------------- reports
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    excinfo = call.excinfo
+    if excinfo is not None and excinfo.errisinstance(LLMPending):
+        # plan phase: the test stopped at its first unanswered call; not a result
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), 0, "llmbench: planned")
+        return report
+    if excinfo is not None and excinfo.errisinstance(LLMCallError):
+        report.longrepr = f"{item.nodeid}: API error: {excinfo.value}"
+    tracked = CASE in item.stash or item.get_closest_marker("llmbench") is not None
+    final = call.when == "call" or (call.when == "setup" and report.outcome != "passed")
+    if tracked and final:
+        for name, value in _case_properties(item, report, excinfo).items():
+            report.user_properties.append((f"llm.{name}", value))
+    return report
+
+
+def _case_properties(item: pytest.Item, report: pytest.TestReport, excinfo: Any) -> dict[str, Any]:
+    acc = item.stash.get(CASE, CaseAccumulator())
+    callspec = getattr(item, "callspec", None)
+    param = callspec.params.get(PARAM_FIXTURE) if callspec is not None else None
+    outcome = report.outcome
+    error = None
+    if excinfo is not None and (excinfo.errisinstance(LLMCallError) or report.when != "call"):
+        outcome = "error"
+        error = str(excinfo.value).splitlines()[0][:300] if str(excinfo.value) else excinfo.typename
+    elif outcome == "failed" and excinfo is not None:
+        error = (str(excinfo.value).splitlines() or [excinfo.typename])[0][:300]
+    func = getattr(item, "originalname", item.name)
+    return {
+        "nodeid": item.nodeid,
+        "suite": func,
+        "module": item.nodeid.split("::", 1)[0],
+        "item_id": param[0].id if param else None,
+        "temperature": param[1] if param else None,
+        "sample": param[2] if param else None,
+        "outcome": outcome,
+        "error": error,
+        "response": acc.last_text,
+        "calls": acc.calls,
+        "prompt_tokens": acc.prompt_tokens,
+        "completion_tokens": acc.completion_tokens,
+        "total_tokens": acc.total_tokens,
+        "latency_s": round(acc.latency_s, 6),
+        "requests": acc.requests,
+        "retries": acc.retries,
+        "rate_limited": acc.rate_limited,
+        "cached": acc.cached,
+        "model": acc.model,
+        "duration_s": round(report.duration, 6),
+        "batch": acc.batch,
+    }
+
+
+class RunHooks:
+    """The hooks that need the run's state; registered per config (pytester-safe)."""
+
+    def __init__(self, config: pytest.Config, state: RunState) -> None:
+        self.config = config
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = [(k, v) for k, v in report.user_properties if str(k).startswith("llm.")]
+        if not props or is_worker(self.config):
+            return
+        from .results import CaseResult
+
+        data = {str(k)[4:]: v for k, v in props}
+        self.state.cases[str(data["nodeid"])] = CaseResult.from_dict(data)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if self.state.phase != "run":
+            return
+        from .engine import maybe_prefetch, uses_llm, write_collection_flag
+
+        if is_worker(self.config):
+            # tell the controller, which never collects, whether there is anything to plan
+            write_collection_flag(self.config, self.state, uses_llm(session.items))
+        elif uses_llm(session.items):
+            maybe_prefetch(self.config, self.state)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if is_worker(self.config) or self.state.phase != "run":
+            return
+        from .outcome import finish_run
+
+        new_status = finish_run(self.config, self.state, int(session.exitstatus), time.time())
+        if new_status is not None:
+            session.exitstatus = new_status
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if is_worker(self.config) or self.state.summary is None:
+            return
+        from .outcome import print_summary
+
+        print_summary(terminalreporter, self.state)

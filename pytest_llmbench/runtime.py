@@ -1,0 +1,267 @@
+"""Per-process state of a pytest-llmbench run, kept in ``config.stash``.
+
+The controller (or the only process without xdist) owns the simulator, the collected
+case results, the gates and the report. Every process opens its own store handle and
+its own client lazily, on the first use of the ``llm`` fixture, so that ``pytest
+--help`` and runs that never call a model stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .client import CallContext, LLMClient, Response
+from .config import LLMConfig, build_config, resolve_settings
+from .errors import ConfigError, LLMBenchError, StoreError
+
+if TYPE_CHECKING:
+    from .results import CaseResult
+    from .sim import Simulator
+    from .store import ResponseStore
+
+#: A fake key used against the built-in simulator; obviously not a secret.
+SIM_API_KEY = "sk-sim-local-fake-key"
+#: Set in plan subprocesses (see engine.py).
+PHASE_ENV = "PYTEST_LLMBENCH_PHASE"
+
+MISSING_KEY = (
+    "no OpenAI API key: set OPENAI_API_KEY, or add --llm-sim to run on the built-in simulator"
+)
+
+
+def is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+@dataclass
+class CaseAccumulator:
+    """What one test case's calls add up to."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    latency_s: float = 0.0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    cached: int = 0
+    batch: bool = False
+    model: str | None = None
+    last_text: str | None = None
+
+    def add(self, r: Response) -> None:
+        self.calls += 1
+        self.prompt_tokens += r.usage.prompt_tokens
+        self.completion_tokens += r.usage.completion_tokens
+        self.total_tokens += r.usage.total_tokens
+        self.latency_s += r.latency
+        self.model = r.model or self.model
+        self.last_text = r.text
+        if r.cached:
+            self.cached += 1
+            self.batch = self.batch or r.source == "batch"
+        else:
+            self.requests += r.attempts
+            self.retries += r.attempts - 1
+            self.rate_limited += r.rate_limited
+
+
+@dataclass
+class RunState:
+    """Everything the plugin keeps for one pytest process."""
+
+    config: pytest.Config
+    settings: dict[str, Any]
+    llm_config: LLMConfig
+    sim_enabled: bool
+    phase: str  # "run" or "plan"
+    started_at: float = field(default_factory=time.time)
+    sim: Simulator | None = None
+    cases: dict[str, CaseResult] = field(default_factory=dict)
+    gates: list[Any] = field(default_factory=list)
+    mode: str = "live"  # "live", "prefetch", "batch"; set by the engine
+    report_meta: dict[str, Any] = field(default_factory=dict)
+    summary_notes: list[str] = field(default_factory=list)
+    _client: LLMClient | None = None
+    _store: ResponseStore | None = None
+    summary: Any = None  # filled at session finish (controller)
+    fresh_since: float | None = None
+    run_token: str = ""
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> RunState:
+        from .config import OPTIONS
+
+        cli = {o.dest: getattr(config.option, o.dest, None) for o in OPTIONS}
+        ini = {o.dest: _getini(config, o.dest) for o in OPTIONS}
+        try:
+            settings = resolve_settings(cli, os.environ, ini)
+            llm_config = build_config(settings)
+        except ConfigError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        run_dir = llm_config.run_dir
+        if not run_dir.is_absolute():
+            run_dir = config.rootpath / run_dir
+        llm_config = llm_config.with_changes(run_dir=run_dir)
+        workerinput = getattr(config, "workerinput", None)
+        shared = (workerinput or {}).get("llmbench") or _env_shared()
+        sim_enabled = bool(settings.get("llm_sim")) or bool(shared.get("sim"))
+        if shared.get("base_url"):
+            # the controller (or the parent of a plan subprocess) started the simulator
+            llm_config = llm_config.with_changes(base_url=shared["base_url"])
+        if sim_enabled:
+            llm_config = llm_config.with_changes(api_key=SIM_API_KEY)
+        for knob in ("limit", "sample"):
+            value = settings.get(f"llm_{knob}")
+            if value is not None and value < 1:
+                raise pytest.UsageError(f"--llm-{knob}: must be at least 1, got {value}")
+        phase = os.environ.get(PHASE_ENV, "run")
+        from .outcome import parse_gates
+
+        gates = parse_gates(list(settings.get("llm_gate") or []))
+        state = cls(config, settings, llm_config, sim_enabled, phase, gates=gates)
+        state.run_token = shared.get("run_token") or os.urandom(8).hex()
+        if shared.get("fresh_since") is not None:
+            state.fresh_since = float(shared["fresh_since"])
+        elif settings.get("llm_fresh"):
+            state.fresh_since = state.started_at
+        return state
+
+    def start_simulator(self) -> None:
+        """Start the in-process simulator for ``--llm-sim`` (controller only)."""
+        from .sim import SimConfig, Simulator
+
+        data: dict[str, Any] = {}
+        path = self.settings.get("llm_sim_config")
+        if path is not None:
+            data.update(_read_json(Path(path), "--llm-sim-config"))
+        for part in self.config.hook.pytest_llmbench_sim_config(config=self.config):
+            if not part:
+                continue
+            for key, value in part.items():
+                if key == "answer_key":
+                    data.setdefault("answer_key", [])
+                    data["answer_key"] = [*data["answer_key"], *value]
+                else:
+                    data[key] = value
+        try:
+            sim_config = SimConfig.model_validate(data)
+        except Exception as exc:  # pydantic.ValidationError, shortened
+            first = str(exc).splitlines()
+            raise pytest.UsageError(
+                f"--llm-sim: invalid simulator settings: {' '.join(first[:3])}"
+            ) from None
+        self.sim = Simulator(sim_config, port=0)
+        self.sim.start()
+        self.llm_config = self.llm_config.with_changes(base_url=self.sim.base_url)
+
+    def shared_for_children(self) -> dict[str, Any]:
+        """What workers and plan subprocesses must know that their own options don't say."""
+        return {
+            "sim": self.sim_enabled,
+            "base_url": self.sim.base_url if self.sim else None,
+            "fresh_since": self.fresh_since,
+            "run_token": self.run_token,
+        }
+
+    def is_answered(self, key: str) -> bool:
+        """Whether the store holds an answer this run may replay."""
+        if self.fresh_since is None:
+            return key in self.store
+        stored = self.store.get(key)
+        return stored is not None and stored.created_at >= self.fresh_since
+
+    def has_credentials(self) -> bool:
+        return self.llm_config.api_key is not None or self.sim_enabled
+
+    def check_credentials(self) -> None:
+        if not self.has_credentials():
+            raise pytest.UsageError(MISSING_KEY)
+
+    # ------------------------------------------------------------------ resources
+    @property
+    def store(self) -> ResponseStore:
+        if self._store is None:
+            from .store import ResponseStore
+
+            try:
+                self._store = ResponseStore.open(self.llm_config.run_dir)
+            except StoreError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        return self._store
+
+    @property
+    def client(self) -> LLMClient:
+        if self._client is None:
+            self._client = LLMClient(self.llm_config)
+        return self._client
+
+    def bound_client(
+        self, nodeid: str, temperature: float | None, acc: CaseAccumulator, record: Any = None
+    ) -> LLMClient:
+        context = CallContext(
+            nodeid=nodeid,
+            store=self.store,
+            fresh_since=self.fresh_since,
+            record=record,
+            on_response=acc.add,
+            batch_errors=(
+                self.llm_config.batch.enabled and self.llm_config.batch.fallback != "live"
+            ),
+        )
+        defaults = {} if temperature is None else {"temperature": temperature}
+        return self.client.bind(context=context, **defaults)
+
+    def close(self) -> None:
+        if not is_worker(self.config) and self.phase == "run":
+            from .engine import remove_collection_flags
+
+            remove_collection_flags(self)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self.sim is not None:
+            self.sim.stop()
+            self.sim = None
+
+
+def _getini(config: pytest.Config, name: str) -> Any:
+    try:
+        return config.getini(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def _env_shared() -> dict[str, Any]:
+    import json
+
+    raw = os.environ.get("PYTEST_LLMBENCH_SHARED")
+    return json.loads(raw) if raw else {}
+
+
+def _read_json(path: Path, option: str) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise pytest.UsageError(f"{option}: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise pytest.UsageError(f"{option}: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise pytest.UsageError(f"{option}: {path} must hold a JSON object")
+    return data
+
+
+__all__ = ["MISSING_KEY", "SIM_API_KEY", "CaseAccumulator", "LLMBenchError", "RunState"]

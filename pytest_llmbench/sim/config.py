@@ -1,0 +1,202 @@
+"""Settings of the simulator: pydantic models, every field defaulted.
+
+``SimConfig`` is the whole runtime configuration. It is built in Python, read from a JSON
+file (``--config``), assembled from CLI flags, and changed while the server runs with a JSON
+merge patch (``POST /_sim/config`` or :meth:`Simulator.configure`). In a patch, ``null``
+removes the member, which restores the field's default (so ``{"rpm": null}`` lifts the limit).
+
+Fields
+------
+Access
+    ``models`` (gpt-4o-mini, gpt-4o, gpt-4.1-mini, gpt-4.1, gpt-5-mini, gpt-5),
+    ``accept_any_model`` (False), ``require_api_key`` (True), ``api_keys`` ([] = any key that
+    starts with ``sk-``), ``organization`` ("org-sim", named in 429 messages).
+Real-time limits (per model, like the API)
+    ``rpm`` / ``tpm`` (None = unlimited), ``burst_seconds`` (1.0: bucket capacity in seconds
+    of refill), ``default_max_tokens`` (16: counted toward TPM when a request sets neither
+    ``max_tokens`` nor ``max_completion_tokens``), ``tpm_refund_unused`` (False: the API
+    charges the reservation; True gives back ``max_tokens·n - completion_tokens``),
+    ``quota_exceeded`` (False: True answers every chat call with 429 ``insufficient_quota``).
+Latency and faults
+    ``latency`` (:class:`LatencyConfig`), ``faults`` (probability per kind, e.g.
+    ``{"500": 0.1}``), ``script`` (kinds applied in order to the next chat requests; ``ok``
+    lets one through), ``storm`` (:class:`StormConfig`; setting it arms it),
+    ``hang_seconds`` (300), ``fault_retry_after_ms`` (200, for injected ``429``).
+Answers
+    ``answer_key`` (list of :class:`AnswerItem`), ``answer_key_path`` (JSON/JSONL file, added
+    to ``answer_key``), ``p_correct`` (0.9) and ``temperature_slope`` (0.35) give
+    p(T) = clamp(p_correct - slope·T, 0, 1), ``seed`` (0: answers, faults, latency, batch
+    order), ``reject_unknown_params`` (True: 400 "Unrecognized request argument supplied").
+Batches
+    ``batch_validating_seconds`` (1.0), ``batch_requests_per_second`` (50.0; None = all lines
+    at once), ``batch_finalizing_seconds`` (1.0), ``batch_cancelling_seconds`` (1.0),
+    ``batch_expire_after`` (86400 s from creation), ``batch_max_requests`` (50,000),
+    ``batch_max_bytes`` (200 MB), ``batch_enqueued_token_limit`` (None; per model, counts the
+    prompt tokens of pending batches), ``batch_line_error_rate`` (0.0),
+    ``batch_line_error_status`` (500 or 400), ``batch_fail_custom_ids`` ([]).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FaultKind = Literal["500", "503", "drop", "hang", "malformed", "429"]
+ScriptEntry = Literal["ok", "500", "503", "drop", "hang", "malformed", "429"]
+FAULT_KINDS: tuple[FaultKind, ...] = ("500", "503", "drop", "hang", "malformed", "429")
+
+DEFAULT_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "gpt-5-mini", "gpt-5"]
+
+
+class LatencyConfig(BaseModel):
+    """Server-side latency of answered chat requests.
+
+    ``none``; ``fixed`` (``mean`` seconds); ``uniform`` (between ``low`` and ``high``);
+    ``lognormal`` with the given ``mean`` and log-space ``sigma`` (mu = ln(mean) - sigma²/2,
+    so the mean really is ``mean``). Every draw is capped at ``cap`` seconds.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["none", "fixed", "uniform", "lognormal"] = "none"
+    mean: float = Field(default=0.0, ge=0)
+    sigma: float = Field(default=0.5, ge=0, le=5)
+    low: float = Field(default=0.0, ge=0)
+    high: float = Field(default=0.0, ge=0)
+    cap: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LatencyConfig:
+        if self.kind == "uniform" and self.high < self.low:
+            raise ValueError("uniform latency needs low <= high")
+        if self.kind == "lognormal" and self.mean <= 0:
+            raise ValueError("lognormal latency needs mean > 0")
+        return self
+
+    @classmethod
+    def parse(cls, spec: str) -> LatencyConfig:
+        """Parse ``none``, ``fixed:S``, ``uniform:LOW:HIGH`` or ``lognormal:MEAN:SIGMA``."""
+        kind, *args = spec.strip().split(":")
+        try:
+            nums = [float(a) for a in args]
+        except ValueError:
+            raise ValueError(f"bad latency {spec!r}: numbers expected after the kind") from None
+        expected = {"none": 0, "fixed": 1, "uniform": 2, "lognormal": 2}
+        if kind not in expected or len(nums) != expected[kind]:
+            raise ValueError(
+                f"bad latency {spec!r}: use none, fixed:S, uniform:LOW:HIGH or lognormal:MEAN:SIGMA"
+            )
+        if kind == "fixed":
+            return cls(kind="fixed", mean=nums[0])
+        if kind == "uniform":
+            return cls(kind="uniform", low=nums[0], high=nums[1])
+        if kind == "lognormal":
+            return cls(kind="lognormal", mean=nums[0], sigma=nums[1])
+        return cls()
+
+
+class StormConfig(BaseModel):
+    """A rate-limit storm: every chat request gets 429 ``rate_limit_exceeded``.
+
+    It lasts for the next ``requests`` requests, or for ``seconds`` from the moment it is set;
+    with both, it ends at whichever comes first.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(default=0, ge=0)
+    seconds: float = Field(default=0.0, ge=0)
+    retry_after_ms: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> StormConfig:
+        if self.requests == 0 and self.seconds == 0:
+            raise ValueError("a storm needs requests > 0 or seconds > 0")
+        return self
+
+
+class AnswerItem(BaseModel):
+    """One known question with its correct answer and the wrong ones."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    question: str = Field(min_length=1)
+    correct: str
+    wrong: list[str] = Field(default_factory=list)
+
+
+class SimConfig(BaseModel):
+    """The simulator's whole configuration (see the module docstring for every field)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
+    accept_any_model: bool = False
+    require_api_key: bool = True
+    api_keys: list[str] = Field(default_factory=list)
+    organization: str = "org-sim"
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    burst_seconds: float = Field(default=1.0, gt=0, le=60)
+    default_max_tokens: int = Field(default=16, ge=1)
+    tpm_refund_unused: bool = False
+    quota_exceeded: bool = False
+
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    faults: dict[FaultKind, float] = Field(default_factory=dict)
+    script: list[ScriptEntry] = Field(default_factory=list)
+    storm: StormConfig | None = None
+    hang_seconds: float = Field(default=300.0, gt=0)
+    fault_retry_after_ms: int = Field(default=200, ge=1)
+
+    answer_key: list[AnswerItem] = Field(default_factory=list)
+    answer_key_path: str | None = None
+    p_correct: float = Field(default=0.9, ge=0, le=1)
+    temperature_slope: float = Field(default=0.35, ge=0)
+    seed: int = 0
+    reject_unknown_params: bool = True
+
+    batch_validating_seconds: float = Field(default=1.0, ge=0)
+    batch_requests_per_second: float | None = Field(default=50.0, gt=0)
+    batch_finalizing_seconds: float = Field(default=1.0, ge=0)
+    batch_cancelling_seconds: float = Field(default=1.0, ge=0)
+    batch_expire_after: float = Field(default=86_400.0, gt=0)
+    batch_max_requests: int = Field(default=50_000, ge=1)
+    batch_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    batch_enqueued_token_limit: int | None = Field(default=None, ge=1)
+    batch_line_error_rate: float = Field(default=0.0, ge=0, le=1)
+    batch_line_error_status: Literal[400, 500] = 500
+    batch_fail_custom_ids: list[str] = Field(default_factory=list)
+
+    @field_validator("faults")
+    @classmethod
+    def _check_faults(cls, value: dict[FaultKind, float]) -> dict[FaultKind, float]:
+        for kind, p in value.items():
+            if not (0.0 <= p <= 1.0) or math.isnan(p):
+                raise ValueError(f"fault rate {kind}={p} is not a probability")
+        if sum(value.values()) > 1.0 + 1e-9:
+            raise ValueError("fault rates add up to more than 1")
+        return value
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch: objects merge recursively, ``null`` removes a member."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result: dict[str, Any] = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def patch_config(config: SimConfig, patch: dict[str, Any]) -> SimConfig:
+    """Return ``config`` with ``patch`` merged in; raises ``pydantic.ValidationError``."""
+    merged = merge_patch(config.model_dump(mode="json"), patch)
+    return SimConfig.model_validate(merged)

@@ -1,0 +1,39 @@
+"""Shared fixtures: the simulator over real HTTP, and keys that are obviously fake."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pytest_llmbench.sim import SimConfig, Simulator
+
+FAKE_KEY = "sk-test-fake-key-do-not-use-0000"
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    """A fresh simulator (no limits, no latency) on a free loopback port."""
+    with Simulator(SimConfig(), port=0) as server:
+        yield server
+
+
+@pytest.fixture
+def fake_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    return FAKE_KEY
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No setting of the developer's shell leaks into a test."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("LLMBENCH_", "PYTEST_LLMBENCH_")) or name in (
+            "OPENAI_API_KEY",
+            "OPENAI_BASE_URL",
+            "OPENAI_ORG_ID",
+            "OPENAI_PROJECT_ID",
+        ):
+            monkeypatch.delenv(name, raising=False)
