@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,28 @@ from pytest_llmbench.budget import (  # noqa: E402
 HUGE = 10**12
 
 
+class BlockingFlockBudget(FileBudget):
+    """For comparison only: the same file budget under a blocking ``fcntl.flock``.
+
+    The kernel queues the waiters, so there is no polling; POSIX only.
+    """
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl
+
+        with self._thread_lock:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing the last descriptor drops the lock
+
+
 def _make(spec: dict[str, Any]) -> FileBudget | RedisBudget:
+    if spec["kind"] == "flock":
+        return BlockingFlockBudget(spec["path"], rpm=HUGE, tpm=HUGE)
     if spec["kind"] == "file":
         return FileBudget(spec["path"], rpm=HUGE, tpm=HUGE, poll_interval=spec["poll"])
     return RedisBudget(spec["url"], key=spec["key"], rpm=HUGE, tpm=HUGE)
@@ -168,6 +192,10 @@ def main() -> None:
             for n in counts:
                 spec = {"kind": "file", "path": f"{tmp}/b-{poll}-{n}.json", "poll": poll}
                 rows.append((label, n, measure(spec, n, args.ops)))
+        if sys.platform != "win32":
+            for n in counts:
+                spec = {"kind": "flock", "path": f"{tmp}/b-flock-{n}.json"}
+                rows.append(("file (blocking flock)", n, measure(spec, n, args.ops)))
     import redis_server
 
     if redis_server.available():

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from .store import ResponseStore, StoredResponse
 
 ENDPOINT = "/v1/chat/completions"
+#: saved with a prefetched answer: how many attempts and 429s it took to get it
+ATTEMPTS_HEADER = "x-llmbench-attempts"
+LIMITED_HEADER = "x-llmbench-rate-limited"
 Messages = Sequence[Mapping[str, Any]]
 PromptLike = str | Messages
 
@@ -120,13 +123,18 @@ class Response:
         )
 
     @classmethod
-    def from_stored(cls, stored: StoredResponse) -> Response:
+    def from_stored(cls, stored: StoredResponse, *, cached: bool = True) -> Response:
+        """A stored answer. ``cached`` is False for answers fetched ahead by this very run
+        (prefetch or Batch API), which then report the attempts it took to get them."""
+        headers = stored.headers or {}
         return cls.from_body(
             stored.response,
             request=stored.request,
             latency=stored.latency_s,
-            request_id=(stored.headers or {}).get("x-request-id"),
-            cached=True,
+            request_id=headers.get("x-request-id"),
+            cached=cached,
+            attempts=0 if cached else int(headers.get(ATTEMPTS_HEADER, 1)),
+            rate_limited=0 if cached else int(headers.get(LIMITED_HEADER, 0)),
             source=stored.source,
             key=stored.key,
         )
@@ -197,6 +205,7 @@ class CallContext:
     record: Callable[[str, str, int, str, dict[str, Any]], None] | None = None
     on_response: Callable[[Response], None] | None = None
     batch_errors: bool = False  # a Batch API failure stored for a key fails the call
+    run_started: float = 0.0  # answers fetched ahead after this are this run's, not cached
     ordinal: int = 0
 
     def next_ordinal(self) -> int:
@@ -311,8 +320,9 @@ class LLMClient:
                 if reason is not None:
                     raise LLMCallError(reason)
             return None
-        response = Response.from_stored(stored)
-        self.stats.add(response.model or self.config.model, cached=1, calls=1)
+        ahead = stored.source in ("prefetch", "batch") and stored.created_at >= ctx.run_started
+        response = Response.from_stored(stored, cached=not ahead)
+        self.stats.add(response.model or self.config.model, cached=int(not ahead), calls=1)
         return response
 
     def _save(self, key: str | None, body: dict[str, Any], raw: _RawAnswer) -> None:

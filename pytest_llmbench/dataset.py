@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -41,6 +42,7 @@ DatasetSource: TypeAlias = (
 _MAX_ID_LEN = 40
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _JSON_WS = re.compile(r"[ \t\n\r]*")
+_JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,8 @@ def _load_file(
 
 def _parse_jsonl(text: str, path: str) -> list[_Row]:
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines cuts.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -176,9 +179,7 @@ def _parse_jsonl(text: str, path: str) -> list[_Row]:
                 f"invalid JSON: {exc.msg} (column {exc.colno})", path=path, line=lineno
             ) from None
         if not isinstance(value, dict):
-            raise DatasetError(
-                f"expected a JSON object, got {_json_type(value)}", path=path, line=lineno
-            )
+            raise _not_an_object(value, path, lineno)
         rows.append(_Row(value, lineno))
     return rows
 
@@ -213,9 +214,7 @@ def _parse_json_array(text: str, path: str) -> list[_Row]:
         line += text.count("\n", counted, pos)
         counted = pos
         if not isinstance(value, dict):
-            raise DatasetError(
-                f"expected a JSON object, got {_json_type(value)}", path=path, line=line
-            )
+            raise _not_an_object(value, path, line)
         rows.append(_Row(value, line))
         pos = skip_ws(end)
         if text.startswith(",", pos):
@@ -229,8 +228,13 @@ def _parse_json_array(text: str, path: str) -> list[_Row]:
     return rows
 
 
+def _not_an_object(value: object, path: str, line: int) -> DatasetError:
+    kind = _JSON_TYPES.get(type(value), "a number")
+    return DatasetError(f"expected a JSON object, got {kind}", path=path, line=line)
+
+
 def _parse_csv(text: str, path: str) -> list[_Row]:
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
     except StopIteration:
@@ -259,11 +263,6 @@ def _parse_csv(text: str, path: str) -> list[_Row]:
             rows.append(_Row(dict(zip(header, record, strict=True)), start))
         start = reader.line_num + 1
     return rows
-
-
-def _json_type(value: object) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
 
 
 def _make_items(
@@ -381,8 +380,8 @@ def select(
         def rank(item: Item) -> str:
             return hashlib.sha256(f"{seed}::{item.id}".encode()).hexdigest()
 
-        keep = {id(item) for item in sorted(chosen, key=rank)[:sample]}
-        chosen = [item for item in chosen if id(item) in keep]
+        picked = sorted(range(len(chosen)), key=lambda i: rank(chosen[i]))[:sample]
+        chosen = [chosen[i] for i in sorted(picked)]
     return chosen
 
 

@@ -108,8 +108,6 @@ def run_plan(
     if cachedir is not None and cachedir.exists():
         shutil.copytree(cachedir, cache_copy)
     extra = [
-        "-o",
-        f"cache_dir={cache_copy}",
         "--maxfail=0",
         "-q",
         "-p",
@@ -118,6 +116,8 @@ def run_plan(
         "-rN",
         f"--basetemp={workdir / 'tmp'}",
     ]
+    if cachedir is not None:
+        extra += ["-o", f"cache_dir={cache_copy}"]
     if config.pluginmanager.hasplugin("xdist"):
         extra += ["-n", "0"]
     if any(a.startswith(("--junitxml", "--junit-xml")) for a in args):
@@ -142,6 +142,17 @@ def run_plan(
     elapsed = time.perf_counter() - started
     if proc.returncode not in (0, 1, 5):
         # collection errors, usage errors...: the real session reports them itself
+        from .store import ensure_run_dir
+
+        kept = ensure_run_dir(state.llm_config.run_dir) / "plan.log"
+        shutil.copyfile(log, kept)
+        tr: Any = config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(
+                f"llmbench: planning exited with status {proc.returncode}; running without "
+                f"prefetch (log: {kept})",
+                yellow=True,
+            )
         return [], elapsed
     return read_spool(spool), elapsed
 
@@ -283,6 +294,7 @@ async def _fetch_all(state: RunState, todo: Iterable[PlannedRequest], progress: 
 
     import openai
 
+    from .client import ATTEMPTS_HEADER, LIMITED_HEADER
     from .errors import LLMCallError
 
     shared = state.client._shared
@@ -306,7 +318,11 @@ async def _fetch_all(state: RunState, todo: Iterable[PlannedRequest], progress: 
                 endpoint=req.endpoint,
                 request=req.body,
                 response=raw.body,
-                headers=raw.headers,
+                headers={
+                    **raw.headers,
+                    ATTEMPTS_HEADER: str(raw.attempts),
+                    LIMITED_HEADER: str(raw.rate_limited),
+                },
                 latency_s=raw.latency,
                 source="prefetch",
                 replace=state.fresh_since is not None,

@@ -39,9 +39,12 @@ def parse_gates(texts: list[str]) -> list[Gate]:
         raise pytest.UsageError(f"--llm-gate: {exc}") from None
 
 
-def run_mode(state: RunState) -> str:
+def run_mode(state: RunState, requests: int | None = None) -> str:
+    """live, prefetch, batch, or replay when this run sent no request at all."""
     if state.llm_config.batch.enabled:
         return "batch"
+    if requests == 0 and state.mode == "live" and state.cases:
+        return "replay"
     return state.mode
 
 
@@ -77,7 +80,7 @@ def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: flo
             report_path = config.invocation_params.dir / report_path
         meta: dict[str, Any] = {
             "model": state.llm_config.model,
-            "mode": run_mode(state),
+            "mode": run_mode(state, total.requests),
             "started_at": state.started_at,
             "finished_at": now,
             "pytest_args": list(config.invocation_params.args),
@@ -95,7 +98,9 @@ def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: flo
             write_report(report_path, report)
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
-    state.summary = RunSummary(summaries, total, results, report_path, run_mode(state))
+    state.summary = RunSummary(
+        summaries, total, results, report_path, run_mode(state, total.requests)
+    )
     return new_status
 
 

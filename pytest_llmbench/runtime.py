@@ -64,9 +64,9 @@ class CaseAccumulator:
         self.latency_s += r.latency
         self.model = r.model or self.model
         self.last_text = r.text
+        self.batch = self.batch or r.source == "batch"
         if r.cached:
             self.cached += 1
-            self.batch = self.batch or r.source == "batch"
         else:
             self.requests += r.attempts
             self.retries += r.attempts - 1
@@ -129,6 +129,8 @@ class RunState:
         gates = parse_gates(list(settings.get("llm_gate") or []))
         state = cls(config, settings, llm_config, sim_enabled, phase, gates=gates)
         state.run_token = shared.get("run_token") or os.urandom(8).hex()
+        if shared.get("run_started") is not None:
+            state.started_at = float(shared["run_started"])
         if shared.get("fresh_since") is not None:
             state.fresh_since = float(shared["fresh_since"])
         elif settings.get("llm_fresh"):
@@ -170,6 +172,7 @@ class RunState:
             "base_url": self.sim.base_url if self.sim else None,
             "fresh_since": self.fresh_since,
             "run_token": self.run_token,
+            "run_started": self.started_at,
         }
 
     def is_answered(self, key: str) -> bool:
@@ -211,6 +214,7 @@ class RunState:
             nodeid=nodeid,
             store=self.store,
             fresh_since=self.fresh_since,
+            run_started=self.started_at,
             record=record,
             on_response=acc.add,
             batch_errors=(

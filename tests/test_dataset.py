@@ -48,6 +48,14 @@ def test_jsonl_with_id_field_and_lines(tmp_path: Path) -> None:
     assert items[0]["q"] == "a"
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    write(tmp_path / "d.jsonl", '{"q": "a\u2028b\u0085c"}\r\n{"q": "d"}\n')
+    items = load_dataset("d.jsonl", base_dir=tmp_path)
+    assert [(i.data["q"], i.line) for i in items] == [("a\u2028b\u0085c", 1), ("d", 2)]
+    write(tmp_path / "d.csv", 'q,r\n"a\u2028b",1\n')
+    assert load_dataset("d.csv", base_dir=tmp_path)[0].data == {"q": "a\u2028b", "r": "1"}
+
+
 def test_ndjson_and_absolute_path(tmp_path: Path) -> None:
     path = write(tmp_path / "x.NDJSON", jsonl([{"id": "a"}]))
     assert [i.id for i in load_dataset(path, id_field="id")] == ["a"]

@@ -1,18 +1,23 @@
 """The default budget: a JSON state file guarded by a kernel file lock.
 
-Every operation is one locked read-modify-write of ``budget-<model>.json`` (a few hundred
-microseconds); callers sleep outside the lock. Why it survives crashes:
+Every operation is one locked read-modify-write of ``budget-<model>.json`` (well under a
+millisecond); callers sleep outside the lock. Why it survives crashes:
 
 * the lock is ``flock(2)`` on a separate ``.lock`` file, which the kernel releases when
   the holder dies, so a SIGKILLed process never leaves the pool locked (the soft-lock
   fallback of filelock is turned off because its marker files outlive their holder);
-* the state is written to ``<file>.tmp`` and renamed over the state file, so readers
-  see the old or the new state, never half of one; a file that is garbage anyway
-  (edited by hand, truncated by a full disk) is read as fresh state;
+* the state is rewritten in place, under the lock, as one ``write`` of a fixed-size
+  record (JSON padded with spaces to 512 bytes, so no truncate is ever needed). A
+  write that small lands in one page and a signal cannot split it, so a killed
+  process leaves the old or the new record. Temp file + ``os.replace`` was measured
+  and rejected: on ext4 a rename over an existing file flushes the data
+  (``auto_da_alloc``) and cost 250-650 us per operation against 7 us in place, which
+  lengthens the time the lock is held 50-fold. A record that is garbage anyway (power
+  loss, edited by hand) is read as fresh state: a full bucket, never a failure;
 * reservations are debt, so a process that dies after reserving has only used
   capacity, which refills at the normal rate.
 
-No fsync: after a power loss the worst case is a fresh (full) bucket.
+No fsync: the state is a rate budget; losing it in a power cut costs one burst.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from . import base
 from .base import BaseBudget, BudgetState, Clock, Limits, RateLimitSnapshot, Sleep
 
 FORMAT_VERSION = 1
+RECORD_SIZE = 512  # the JSON is padded to this; longer records are written whole
+_O_BINARY = getattr(os, "O_BINARY", 0)
 
 # filelock retries a busy lock by sleeping poll_interval (default 0.05 s, no FIFO): that
 # default measured p99 100 ms per reservation with 8 processes, 0.001 s measured 22 ms.
@@ -70,7 +77,6 @@ class FileBudget(BaseBudget):
         self.limits = Limits(rpm, tpm, burst_seconds)
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self._tmp_path = self.path.with_name(self.path.name + ".tmp")
         self._clock = clock
         self._lock_timeout = lock_timeout
         try:
@@ -121,11 +127,26 @@ class FileBudget(BaseBudget):
 
     def _update(self, change: Callable[[BudgetState, float], T]) -> T:
         with self._locked():
-            state = self._read()
-            # read the clock inside the lock so the stored ts only moves forward
-            result = change(state, self._clock())
-            self._write(state)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
+            except OSError as exc:
+                raise BudgetError(f"cannot open the budget state {self.path}: {exc}") from None
+            with os.fdopen(fd, "r+b", buffering=0) as f:
+                state = _parse(self._io(f.read, "read"))
+                # read the clock inside the lock so the stored ts only moves forward
+                result = change(state, self._clock())
+                record = _serialize(state)
+                self._io(lambda: f.seek(0), "write")
+                self._io(lambda: f.write(record), "write")
+                if self._io(lambda: os.fstat(fd).st_size, "write") > len(record):
+                    self._io(lambda: f.truncate(len(record)), "write")
             return result
+
+    def _io(self, op: Callable[[], T], what: str) -> T:
+        try:
+            return op()
+        except OSError as exc:
+            raise BudgetError(f"cannot {what} the budget state {self.path}: {exc}") from None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -146,22 +167,24 @@ class FileBudget(BaseBudget):
 
     def _read(self) -> BudgetState:
         try:
-            data = json.loads(self.path.read_bytes())
+            return _parse(self.path.read_bytes())
         except FileNotFoundError:
-            return BudgetState()
-        except ValueError:  # torn or garbage: start fresh rather than fail the run
             return BudgetState()
         except OSError as exc:
             raise BudgetError(f"cannot read the budget state {self.path}: {exc}") from None
-        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-            return BudgetState()
-        return BudgetState.from_fields(data)
 
-    def _write(self, state: BudgetState) -> None:
-        data = {"version": FORMAT_VERSION, **state.to_fields()}
-        try:
-            with open(self._tmp_path, "w", encoding="utf-8") as f:
-                f.write(json.dumps(data, separators=(",", ":")))
-            os.replace(self._tmp_path, self.path)
-        except OSError as exc:
-            raise BudgetError(f"cannot write the budget state {self.path}: {exc}") from None
+
+def _parse(raw: bytes | None) -> BudgetState:
+    """The state in a record; empty, torn or foreign records are fresh state."""
+    try:
+        data = json.loads(raw or b"")
+    except ValueError:
+        return BudgetState()
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+        return BudgetState()
+    return BudgetState.from_fields(data)
+
+
+def _serialize(state: BudgetState) -> bytes:
+    data = json.dumps({"version": FORMAT_VERSION, **state.to_fields()}, separators=(",", ":"))
+    return data.encode().ljust(RECORD_SIZE, b" ")

@@ -1,0 +1,261 @@
+"""LLMClient over real HTTP against the simulator, with the real openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from pytest_llmbench import LLMCallError, LLMClient, LLMConfig
+from pytest_llmbench.retry import BackoffPolicy, parse_duration, reset_wait, retry_after
+from pytest_llmbench.sim import SimConfig, Simulator
+
+from .conftest import FAKE_KEY
+
+
+def make_client(sim: Simulator, tmp_path: Path, **changes: object) -> LLMClient:
+    settings: dict[str, object] = {
+        "api_key": FAKE_KEY,
+        "base_url": sim.base_url,
+        "run_dir": tmp_path / "run",
+        "backoff_min": 0.01,
+        "backoff_max": 0.2,
+        "timeout": 5.0,
+    }
+    settings.update(changes)
+    return LLMClient(LLMConfig.model_validate(settings))
+
+
+@pytest.fixture
+def client(sim: Simulator, tmp_path: Path) -> Iterator[LLMClient]:
+    with make_client(sim, tmp_path) as c:
+        yield c
+
+
+def test_response_carries_text_usage_and_params(client: LLMClient, sim: Simulator) -> None:
+    r = client.generate_response("Say something", temperature=0.0, max_tokens=20)
+    assert r.ok and r.text
+    assert r.choices == (r.text,)
+    assert r.finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens > 0
+    assert r.model == "gpt-4o-mini"
+    assert r.request_id and r.request_id.startswith("req_")
+    assert r.params == {"model": "gpt-4o-mini", "temperature": 0.0, "max_tokens": 20}
+    assert r.latency > 0
+    assert r.attempts == 1
+    assert sim.stats()["chat_answered"] == 1
+
+
+def test_messages_and_n_choices(client: LLMClient) -> None:
+    r = client.generate_response(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        n=3,
+        temperature=1.0,
+    )
+    assert len(r.choices) == 3
+
+
+def test_usage_is_summed_per_model(client: LLMClient, sim: Simulator) -> None:
+    a = client.generate_response("one", model="gpt-4o-mini")
+    b = client.generate_response("two", model="gpt-4o")
+    c = client.generate_response("three", model="gpt-4o")
+    usage = client.usage()
+    assert usage["gpt-4o-mini"] == a.usage
+    assert usage["gpt-4o"] == b.usage + c.usage
+    stats = sim.stats()
+    assert stats["prompt_tokens"] == sum(r.usage.prompt_tokens for r in (a, b, c))
+    assert stats["completion_tokens"] == sum(r.usage.completion_tokens for r in (a, b, c))
+
+
+def test_storm_of_429s_is_ridden_out(client: LLMClient, sim: Simulator) -> None:
+    # Given a storm that refuses the next 6 requests with retry-after-ms 20
+    sim.configure(storm={"requests": 6, "retry_after_ms": 20})
+    # When 3 calls run concurrently
+    results = client.batch_generate([f"question {i}" for i in range(3)])
+    # Then none is lost and every refusal was retried
+    assert all(r.ok for r in results), [r.error for r in results]
+    stats = sim.stats()
+    assert stats["rate_limit_429"] == 6
+    assert stats["chat_answered"] == 3
+    total = client.stats.total()
+    assert total.rate_limited == 6
+    assert total.retries == 6
+
+
+@pytest.mark.parametrize(
+    ("setup", "status", "fragment"),
+    [
+        ({"quota_exceeded": True}, 429, "quota"),
+        ({"require_api_key": True, "api_keys": ["sk-another-fake-key"]}, 401, "OPENAI_API_KEY"),
+    ],
+)
+def test_non_retryable_errors_stop_after_one_request(
+    client: LLMClient, sim: Simulator, setup: dict[str, object], status: int, fragment: str
+) -> None:
+    sim.configure(**setup)
+    with pytest.raises(LLMCallError) as info:
+        client.generate_response("hello")
+    assert info.value.status == status
+    assert info.value.attempts == 1
+    assert fragment in str(info.value)
+    assert FAKE_KEY not in str(info.value)
+    assert sim.stats()["chat_requests"] == 1
+
+
+def test_unknown_model_and_bad_request_fail_at_once(client: LLMClient, sim: Simulator) -> None:
+    with pytest.raises(LLMCallError, match=r"not found \(404\).*--llm-model"):
+        client.generate_response("hello", model="gpt-nonexistent")
+    with pytest.raises(LLMCallError, match=r"invalid request \(parameter 'temperature'\)"):
+        client.generate_response("hello", temperature=7)
+    assert sim.stats()["chat_requests"] == 2
+
+
+def test_request_too_large_is_not_retried(sim: Simulator, tmp_path: Path) -> None:
+    sim.configure(tpm=1000)
+    with make_client(sim, tmp_path) as c, pytest.raises(LLMCallError, match="shorten the prompt"):
+        c.generate_response("x" * 8000, max_tokens=10)
+    assert sim.stats()["chat_requests"] == 1
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "drop", "malformed", "429"])
+def test_transient_faults_are_retried(client: LLMClient, sim: Simulator, fault: str) -> None:
+    sim.configure(script=[fault, fault])
+    r = client.generate_response("hello")
+    assert r.ok and r.attempts == 3
+    stats = sim.stats()
+    assert stats["chat_requests"] == 3
+    assert stats["faults_injected"][fault] == 2
+
+
+def test_hung_request_times_out_and_is_retried(sim: Simulator, tmp_path: Path) -> None:
+    sim.configure(script=["hang"], hang_seconds=30)
+    with make_client(sim, tmp_path, timeout=0.5) as c:
+        r = c.generate_response("hello")
+    assert r.ok and r.attempts == 2
+    assert sim.stats()["chat_answered"] == 1
+
+
+def test_retries_are_bounded(sim: Simulator, tmp_path: Path) -> None:
+    sim.configure(faults={"500": 1.0})
+    with make_client(sim, tmp_path, max_retries=2) as c, pytest.raises(LLMCallError) as info:
+        c.generate_response("hello")
+    assert info.value.attempts == 3
+    assert "after 3 attempts" in str(info.value)
+    assert sim.stats()["chat_requests"] == 3
+
+
+def test_batch_generate_keeps_order_and_reports_failures(client: LLMClient, sim: Simulator) -> None:
+    prompts = [f"prompt {i}" for i in range(8)]
+    expected = [client.generate_response(p, temperature=0).text for p in prompts]
+    # an empty message list is a 400 for that item alone
+    results = client.batch_generate([*prompts[:3], [], *prompts[3:]], temperature=0)
+    assert len(results) == 9
+    assert [r.text for r in results if r.ok] == expected
+    bad = results[3]
+    assert not bad.ok and "invalid request" in (bad.error or "")
+    assert sim.stats()["chat_requests"] == 8 + 9
+
+
+def test_batch_generate_runs_concurrently(sim: Simulator, tmp_path: Path) -> None:
+    sim.configure(latency={"kind": "fixed", "mean": 0.2})
+    with make_client(sim, tmp_path, max_concurrency=8) as c:
+        results = c.batch_generate([f"q{i}" for i in range(16)])
+    assert all(r.ok for r in results)
+    assert sim.stats()["peak_in_flight"] >= 4
+
+
+def test_async_twin(client: LLMClient) -> None:
+    async def main() -> list[str]:
+        rs = await asyncio.gather(*(client.agenerate_response(f"x{i}") for i in range(4)))
+        return [r.text for r in rs]
+
+    assert len(asyncio.run(main())) == 4
+
+
+def test_rate_limit_is_respected_at_60_rpm(tmp_path: Path) -> None:
+    # The acceptance scenario: 60 requests per minute on both sides, 30 calls.
+    with Simulator(SimConfig(rpm=60), port=0) as server:
+        with make_client(server, tmp_path, rpm=60, backoff_max=2.0) as c:
+            results = c.batch_generate([f"call {i}" for i in range(30)])
+        stats = server.stats()
+    assert all(r.ok for r in results)
+    assert stats["chat_answered"] == 30
+    print(f"429s seen by the simulator: {stats['rate_limit_429']}")
+    assert stats["rate_limit_429"] <= 3
+
+
+def test_quota_fails_after_exactly_one_request(sim: Simulator, tmp_path: Path) -> None:
+    sim.configure(quota_exceeded=True)
+    with make_client(sim, tmp_path, backoff_min=0.5, backoff_max=8.0) as c:
+        started = time.perf_counter()
+        with pytest.raises(LLMCallError, match="quota"):
+            c.generate_response("hello")
+        elapsed = time.perf_counter() - started
+    print(f"insufficient_quota failed after {elapsed:.3f}s")
+    assert sim.stats()["chat_requests"] == 1
+
+
+def test_key_never_shows(sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "sk-test-fake-key-RECOGNISABLE-424242"
+    sim.configure(require_api_key=True, api_keys=["sk-test-other"])
+    c = make_client(sim, tmp_path, api_key=secret)
+    with pytest.raises(LLMCallError) as info:
+        c.generate_response("hello")
+    text = " ".join([str(info.value), repr(info.value), repr(c), repr(c.config), str(c.config)])
+    print(text)
+    c.close()
+    out = capsys.readouterr()
+    assert secret not in text + out.out + out.err
+    assert "RECOGNISABLE" not in text
+
+
+# ---------------------------------------------------------------------- the policy, unit
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("120ms", 0.12), ("2m59.56s", 179.56), ("0.5", 0.5),
+     ("", None), ("soon", None)],
+)
+def test_parse_duration(text: str, seconds: float | None) -> None:
+    got = parse_duration(text)
+    assert got == pytest.approx(seconds) if seconds is not None else got is None
+
+
+def test_retry_after_prefers_ms_then_seconds_then_date() -> None:
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after({"retry-after": "3"}) == 3.0
+    assert retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=1445412470.0) == 10.0
+    assert retry_after({}) is None
+
+
+def test_reset_wait_scales_the_full_reset_to_one_unit() -> None:
+    headers = {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "60s",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "900",
+        "x-ratelimit-reset-tokens": "6s",
+    }
+    assert reset_wait(headers) == pytest.approx(1.0)
+    assert reset_wait({**headers, "x-ratelimit-remaining-requests": "5"}) is None
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    high = BackoffPolicy(base=0.5, cap=8.0, rng=lambda: 0.999999)
+    low = BackoffPolicy(base=0.5, cap=8.0, rng=lambda: 0.0)
+    assert [round(high.backoff(n), 3) for n in (1, 2, 3, 4, 5, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert low.backoff(5) == 0.0
+
+
+def test_server_hint_wins_over_backoff(sim: Simulator) -> None:
+    sim.configure(script=["429"], fault_retry_after_ms=1234)
+    raw = openai.OpenAI(api_key=FAKE_KEY, base_url=sim.base_url, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as info:
+        raw.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    raw.close()
+    policy = BackoffPolicy(base=0.01, cap=0.02, rng=lambda: 0.0)
+    assert policy.wait(info.value, attempt=1) == pytest.approx(1.234)
