@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 from pytest_llmbench.budget import (  # noqa: E402
     FileBudget,
@@ -116,7 +116,8 @@ def against_server(
 ) -> dict[str, float]:
     """Run ``processes`` callers through one budget against ``base_url`` for ``seconds``.
 
-    Returns the admitted (2xx) rate per minute and the refused (429) fraction.
+    Returns the admitted (2xx) rate per minute after the first second (the initial burst
+    excluded) and the refused (429) fraction of all requests.
     """
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.get_context("spawn")
@@ -130,11 +131,13 @@ def against_server(
             p.join()
         out.close()
         out.join_thread()
-    ok = sum(r[0] for r in results)
+    times = sorted(t for r in results for t in r[0])
     refused = sum(r[1] for r in results)
+    start = min(r[2] for r in results)
+    steady = [t for t in times if t >= start + 1.0]
     return {
-        "admitted_per_min": ok / seconds * 60,
-        "refused_fraction": refused / max(1, ok + refused),
+        "admitted_per_min": len(steady) / (seconds - 1.0) * 60,
+        "refused_fraction": refused / max(1, len(times) + refused),
     }
 
 
@@ -153,9 +156,10 @@ def _caller(
     body = json.dumps(
         {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
     ).encode()
-    est, ok, refused = 16 + 8, 0, 0
+    est, ok, refused = 16 + 8, [], 0
     barrier.wait()
-    deadline = time.time() + seconds
+    start = time.time()
+    deadline = start + seconds
     while time.time() < deadline:
         budget.acquire(est)
         req = urllib.request.Request(
@@ -168,7 +172,8 @@ def _caller(
                 answer = json.loads(resp.read())
                 budget.observe(RateLimitSnapshot.from_headers(dict(resp.headers.items())))
             budget.correct(est, int(answer.get("usage", {}).get("total_tokens", est)))
-            ok += 1
+            if time.time() < deadline:
+                ok.append(time.time())
         except urllib.error.HTTPError as exc:
             budget.observe(RateLimitSnapshot.from_headers(dict(exc.headers.items())))
             exc.close()
@@ -176,7 +181,7 @@ def _caller(
                 raise
             refused += 1
             budget.pause(float(exc.headers.get("retry-after") or 1.0))
-    out.put((ok, refused))
+    out.put((ok, refused, start))
     budget.close()
 
 
@@ -196,7 +201,7 @@ def main() -> None:
             for n in counts:
                 spec = {"kind": "flock", "path": f"{tmp}/b-flock-{n}.json"}
                 rows.append(("file (blocking flock)", n, measure(spec, n, args.ops)))
-    import redis_server
+    from tests import redis_server
 
     if redis_server.available():
         with redis_server.redis_server() as url:

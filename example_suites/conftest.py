@@ -22,8 +22,13 @@ def pytest_llmbench_sim_config(config: Any) -> dict[str, Any]:
     with (HERE / "data" / "arithmetic.csv").open(newline="") as fh:
         for row in csv.DictReader(fh):
             n = int(row["answer"])
-            key.append({"question": row["question"], "correct": str(n),
-                        "wrong": [str(n + 1), str(n - 10), str(n * 2)]})
+            key.append(
+                {
+                    "question": row["question"],
+                    "correct": str(n),
+                    "wrong": [str(n + 1), str(n - 10), str(n * 2)],
+                }
+            )
     # a realistic small account: 600 requests and 200k tokens per minute, ~0.3 s latency
     return {
         "answer_key": key,

@@ -11,7 +11,7 @@ def prompt(case: dict[str, object]) -> str:
     choices = case["choices"]
     assert isinstance(choices, list)
     lines = [str(case["question"])]
-    lines += [f"{letter}) {text}" for letter, text in zip("ABCD", choices)]
+    lines += [f"{letter}) {text}" for letter, text in zip("ABCD", choices, strict=False)]
     lines.append("Answer with one letter.")
     return "\n".join(lines)
 

@@ -128,6 +128,9 @@ class BatchRunner:
                 time.sleep(self.policy.wait(exc, attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _retrieve(self, batch_id: str) -> Any:
+        return self._api(lambda: self.client.batches.retrieve(batch_id))
+
     # -- submit
     def submit(self, requests: Sequence[PlannedRequest]) -> list[str]:
         ids = []
@@ -166,7 +169,7 @@ class BatchRunner:
         return batch.id
 
     # -- wait and collect
-    def wait_all(self, deadline: float | None) -> list[dict[str, Any]]:
+    def wait_all(self, deadline: float | None) -> list[Any]:
         """Poll every open job until all are terminal; returns the final batch objects."""
         open_jobs = self.open_jobs()
         total = sum(len(j["requests"]) for j in open_jobs)
@@ -179,7 +182,7 @@ class BatchRunner:
             for job in open_jobs:
                 bid = job["batch_id"]
                 if bid not in finals:
-                    b = self._api(lambda bid=bid: self.client.batches.retrieve(bid))
+                    b = self._retrieve(bid)
                     self._update_job(bid, status=b.status)
                     if b.status in TERMINAL:
                         finals[bid] = b
@@ -316,6 +319,7 @@ class BatchProgress:
         self._last = ""
         self._tty = bool(self._tr is not None and self._tr.isatty())
         self._shown_at = 0.0
+        self._status = ""
 
     def update(self, done: int, failed: int, statuses: list[str], elapsed: float) -> None:
         finished = done + failed
@@ -332,10 +336,11 @@ class BatchProgress:
         now = time.monotonic()
         if self._tty:
             self._tr.rewrite(line, erase=True)
-        elif now - self._shown_at >= 5.0 or status != self._last.split(" ")[2:3]:
+        elif now - self._shown_at >= 5.0 or status != self._status:
             self._tr.write_line(line)
             self._shown_at = now
         self._last = line
+        self._status = status
 
     def finish(self) -> None:
         if self._tr is not None and self._tty:

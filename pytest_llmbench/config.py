@@ -28,13 +28,13 @@ class BatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = False
-    poll_interval: float = Field(5.0, gt=0, le=600)
+    poll_interval: float = Field(default=5.0, gt=0, le=600)
     completion_window: Literal["24h"] = "24h"
-    timeout: float | None = Field(None, gt=0)
+    timeout: float | None = Field(default=None, gt=0)
     detach: bool = False
     fallback: Literal["none", "live"] = "none"
-    max_rounds: int = Field(5, ge=1, le=100)
-    max_attempts: int = Field(3, ge=1, le=20)
+    max_rounds: int = Field(default=5, ge=1, le=100)
+    max_attempts: int = Field(default=3, ge=1, le=20)
 
 
 class LLMConfig(BaseModel):
@@ -52,16 +52,16 @@ class LLMConfig(BaseModel):
     organization: str | None = None
     project: str | None = None
     model: str = DEFAULT_MODEL
-    max_tokens: int = Field(256, ge=1, le=1_000_000)
-    timeout: float = Field(60.0, gt=0, le=3600)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    burst_seconds: float = Field(1.0, gt=0, le=60)
-    max_concurrency: int = Field(64, ge=1, le=4096)
-    max_retries: int = Field(6, ge=0, le=100)
-    backoff_min: float = Field(0.5, ge=0, le=600)
-    backoff_max: float = Field(30.0, gt=0, le=3600)
-    max_retry_after: float = Field(120.0, gt=0, le=86400)
+    max_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    timeout: float = Field(default=60.0, gt=0, le=3600)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    burst_seconds: float = Field(default=1.0, gt=0, le=60)
+    max_concurrency: int = Field(default=64, ge=1, le=4096)
+    max_retries: int = Field(default=6, ge=0, le=100)
+    backoff_min: float = Field(default=0.5, ge=0, le=600)
+    backoff_max: float = Field(default=30.0, gt=0, le=3600)
+    max_retry_after: float = Field(default=120.0, gt=0, le=86400)
     run_dir: Path = Path(".llmbench")
     budget_url: str | None = None
     batch: BatchSettings = BatchSettings()

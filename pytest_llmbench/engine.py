@@ -67,7 +67,8 @@ def plan_recorder(config: pytest.Config) -> Callable[[str, str, int, str, dict[s
 
 def plan_filter(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
     """In the plan phase only tests that use ``llm`` and did not opt out run."""
-    keep, drop = [], []
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
     for item in items:
         marker = item.get_closest_marker("llmbench")
         opted_out = marker is not None and marker.kwargs.get("plan", True) is False

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from .client import LLMClient
-from .config import OPTIONS, LLMConfig
+from .config import OPTIONS
 from .errors import DatasetError, LLMCallError, LLMPending
 from .runtime import MISSING_KEY, CaseAccumulator, RunState, is_worker
+
+if TYPE_CHECKING:
+    from .client import LLMClient
+    from .config import LLMConfig
 
 STATE = pytest.StashKey[RunState]()
 CASE = pytest.StashKey[CaseAccumulator]()
@@ -39,7 +42,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 )
             else:
                 group.addoption(o.flag, dest=o.dest, default=None, metavar=o.metavar, help=o.help)
-        parser.addini(o.dest, o.help, type="linelist" if o.kind == "append" else "string")
+        kind: Literal["linelist", "string"] = "linelist" if o.kind == "append" else "string"
+        parser.addini(o.dest, o.help, type=kind)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -234,7 +238,7 @@ def _case_properties(item: pytest.Item, report: pytest.TestReport, excinfo: Any)
     acc = item.stash.get(CASE, CaseAccumulator())
     callspec = getattr(item, "callspec", None)
     param = callspec.params.get(PARAM_FIXTURE) if callspec is not None else None
-    outcome = report.outcome
+    outcome: str = report.outcome
     error = None
     if excinfo is not None and (excinfo.errisinstance(LLMCallError) or report.when != "call"):
         outcome = "error"

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import openai
 from tenacity import RetryCallState
 
 from .errors import LLMCallError
@@ -115,6 +114,8 @@ def is_quota(exc: BaseException) -> bool:
 
 def is_too_large(exc: BaseException) -> bool:
     """A 429 for one request larger than the whole per-minute limit can never succeed."""
+    import openai
+
     if not isinstance(exc, openai.RateLimitError):
         return False
     message = str(getattr(exc, "message", "") or exc)
@@ -123,6 +124,8 @@ def is_too_large(exc: BaseException) -> bool:
 
 def is_retryable(exc: BaseException) -> bool:
     """The single decision of what to retry."""
+    import openai
+
     if isinstance(exc, LLMCallError):
         return exc.retryable
     headers = _headers(exc)
@@ -159,9 +162,11 @@ class BackoffPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
-        return self.rng() * min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        return float(self.rng() * min(self.cap, self.base * (2 ** max(0, attempt - 1))))
 
     def server_wait(self, exc: BaseException, tokens_needed: int = 1) -> float | None:
+        import openai
+
         headers = _headers(exc)
         hinted = retry_after(headers)
         if hinted is None and isinstance(exc, openai.RateLimitError):
@@ -187,6 +192,8 @@ class BackoffPolicy:
 
 def describe(exc: BaseException, *, model: str, attempts: int) -> LLMCallError:
     """Turn an SDK error into an :class:`LLMCallError` whose message says what to fix."""
+    import openai
+
     code, typ = error_code(exc)
     status = getattr(exc, "status_code", None)
     raw = str(getattr(exc, "message", "") or exc).strip()

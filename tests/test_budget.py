@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis_server
 
 from pytest_llmbench.budget import (
     Budget,
@@ -41,6 +40,7 @@ from pytest_llmbench.budget import (
 )
 from pytest_llmbench.budget.file import safe_name
 from pytest_llmbench.errors import BudgetError
+from tests import redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "budget_worker.py"
@@ -317,7 +317,9 @@ def test_file_state_format(tmp_path: Path) -> None:
     budget = FileBudget(tmp_path / "b.json", rpm=1200, tpm=60_000, clock=FakeClock())
     budget.reserve(150)
     budget.observe(RateLimitSnapshot(limit_tokens=30_000))
-    data = json.loads((tmp_path / "b.json").read_text())
+    raw = (tmp_path / "b.json").read_bytes()
+    assert len(raw) == 512 and raw.rstrip().endswith(b"}")  # a fixed-size record, padded
+    data = json.loads(raw)
     assert data == {
         "version": 1,
         "ts": T0,
@@ -329,7 +331,12 @@ def test_file_state_format(tmp_path: Path) -> None:
         "tokens_server_limit": 30000.0,
     }
     assert budget.state() == BudgetState.from_fields(data)
-    assert not (tmp_path / "b.json.tmp").exists()
+
+
+def test_a_longer_record_on_disk_is_replaced_whole(tmp_path: Path) -> None:
+    (tmp_path / "b.json").write_text('{"version": 1, "ts": 0}' + " " * 5000 + "\n")
+    FileBudget(tmp_path / "b.json", rpm=60, clock=FakeClock()).reserve(0)
+    assert len((tmp_path / "b.json").read_bytes()) == 512
 
 
 @pytest.mark.parametrize(

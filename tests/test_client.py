@@ -199,7 +199,9 @@ def test_quota_fails_after_exactly_one_request(sim: Simulator, tmp_path: Path) -
     assert sim.stats()["chat_requests"] == 1
 
 
-def test_key_never_shows(sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_key_never_shows(
+    sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     secret = "sk-test-fake-key-RECOGNISABLE-424242"
     sim.configure(require_api_key=True, api_keys=["sk-test-other"])
     c = make_client(sim, tmp_path, api_key=secret)
@@ -216,8 +218,15 @@ def test_key_never_shows(sim: Simulator, tmp_path: Path, capsys: pytest.CaptureF
 # ---------------------------------------------------------------------- the policy, unit
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("1s", 1.0), ("6m0s", 360.0), ("120ms", 0.12), ("2m59.56s", 179.56), ("0.5", 0.5),
-     ("", None), ("soon", None)],
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("120ms", 0.12),
+        ("2m59.56s", 179.56),
+        ("0.5", 0.5),
+        ("", None),
+        ("soon", None),
+    ],
 )
 def test_parse_duration(text: str, seconds: float | None) -> None:
     got = parse_duration(text)
@@ -255,7 +264,9 @@ def test_server_hint_wins_over_backoff(sim: Simulator) -> None:
     sim.configure(script=["429"], fault_retry_after_ms=1234)
     raw = openai.OpenAI(api_key=FAKE_KEY, base_url=sim.base_url, max_retries=0)
     with pytest.raises(openai.RateLimitError) as info:
-        raw.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        raw.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
     raw.close()
     policy = BackoffPolicy(base=0.01, cap=0.02, rng=lambda: 0.0)
     assert policy.wait(info.value, attempt=1) == pytest.approx(1.234)

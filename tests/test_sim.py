@@ -459,6 +459,19 @@ def test_token_bucket_with_a_manual_clock() -> None:
     }
 
 
+def test_jitter_tolerance_admits_slightly_early_requests_into_debt() -> None:
+    now = [0.0]
+    limits = ModelLimits(rpm=60, tpm=None, burst_seconds=1.0, clock=lambda: now[0], tolerance=0.05)
+    assert limits.admit(1).admitted
+    now[0] = 0.97  # 30 ms early: admitted, the bucket owes 30 ms
+    assert limits.admit(1).admitted
+    now[0] = 1.96  # 40 ms before its slot at 2.0: still within tolerance
+    assert limits.admit(1).admitted
+    now[0] = 2.90  # 100 ms before its slot at 3.0: refused, told to wait the full 100 ms
+    refused = limits.admit(1)
+    assert not refused.admitted and refused.retry_after == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [

@@ -13,7 +13,9 @@ Access
     starts with ``sk-``), ``organization`` ("org-sim", named in 429 messages).
 Real-time limits (per model, like the API)
     ``rpm`` / ``tpm`` (None = unlimited), ``burst_seconds`` (1.0: bucket capacity in seconds
-    of refill), ``default_max_tokens`` (16: counted toward TPM when a request sets neither
+    of refill), ``rate_limit_tolerance`` (0.05 s: a request that would fit this much later is
+    admitted into debt, so arrival jitter of a client pacing at the limit is not punished),
+    ``default_max_tokens`` (16: counted toward TPM when a request sets neither
     ``max_tokens`` nor ``max_completion_tokens``), ``tpm_refund_unused`` (False: the API
     charges the reservation; True gives back ``max_tokens·n - completion_tokens``),
     ``quota_exceeded`` (False: True answers every chat call with 429 ``insufficient_quota``).
@@ -142,6 +144,7 @@ class SimConfig(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     burst_seconds: float = Field(default=1.0, gt=0, le=60)
+    rate_limit_tolerance: float = Field(default=0.05, ge=0, le=10)
     default_max_tokens: int = Field(default=16, ge=1)
     tpm_refund_unused: bool = False
     quota_exceeded: bool = False

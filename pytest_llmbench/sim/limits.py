@@ -14,7 +14,10 @@ aiolimiter). Two views of one account:
 
 A request is admitted when every bucket holds ``min(need, capacity)``; its full need is then
 debited, possibly into debt, so a request larger than the burst capacity still passes when the
-bucket is full and later requests wait for the debt to refill. A request needing more tokens
+bucket is full and later requests wait for the debt to refill. A request that arrives up to
+``tolerance`` seconds early is admitted into debt as well (GCRA's delay-variation tolerance):
+a client pacing exactly at the limit is not refused for network jitter, while the debt keeps
+the sustained rate at the limit. A request needing more tokens
 than the whole TPM limit can never pass ("Request too large"). A limit of None means no
 bucket and no headers for it (the API's headers are optional too).
 """
@@ -122,8 +125,10 @@ class ModelLimits:
         tpm: int | None,
         burst_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        tolerance: float = 0.0,
     ) -> None:
         self._clock = clock
+        self.tolerance = tolerance
         self.requests = Bucket(rpm, burst_seconds, clock) if rpm else None
         self.tokens = Bucket(tpm, burst_seconds, clock) if tpm else None
 
@@ -139,7 +144,7 @@ class ModelLimits:
             waits.append((self.requests.wait(1, now), "requests", self.requests, 1))
         if self.tokens is not None:
             waits.append((self.tokens.wait(tokens, now), "tokens", self.tokens, tokens))
-        blocked = [w for w in waits if w[0] > 0]
+        blocked = [w for w in waits if w[0] > self.tolerance]
         if blocked:
             wait, kind, bucket, amount = max(blocked, key=lambda w: w[0])
             used = bucket.limit - bucket.remaining(now)

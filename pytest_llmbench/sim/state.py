@@ -21,6 +21,7 @@ Statistics (``GET /_sim/stats``; ``/_sim/*`` requests are not counted):
 ``answered_per_second``       ``{epoch second: chat requests answered 200 in it}``
 ``rate_tokens_per_second``    ``{epoch second: TPM tokens admitted in it}``
 ``started_at``                epoch seconds of the last start or reset
+``storm_active`` / ``script_left``          a storm is running / scripted faults still queued
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .config import FaultKind, SimConfig, patch_config
 from .faults import Storm, draw_fault, sample_latency, script_fault
 from .limits import Decision, ModelLimits
 
-_LIMIT_FIELDS = {"rpm", "tpm", "burst_seconds"}
+_LIMIT_FIELDS = {"rpm", "tpm", "burst_seconds", "rate_limit_tolerance"}
 _ANSWER_FIELDS = {"answer_key", "answer_key_path"}
 
 
@@ -112,7 +113,9 @@ class SimState:
             limits = self._limits.get(model)
             if limits is None:
                 cfg = self._config
-                limits = ModelLimits(cfg.rpm, cfg.tpm, cfg.burst_seconds, self._clock)
+                limits = ModelLimits(
+                    cfg.rpm, cfg.tpm, cfg.burst_seconds, self._clock, cfg.rate_limit_tolerance
+                )
                 self._limits[model] = limits
             return limits
 
