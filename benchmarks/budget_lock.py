@@ -113,11 +113,13 @@ def against_server(
     processes: int = 8,
     seconds: float = 10.0,
     budget_url: str | None = None,
+    warmup: float = 3.0,
 ) -> dict[str, float]:
     """Run ``processes`` callers through one budget against ``base_url`` for ``seconds``.
 
-    Returns the admitted (2xx) rate per minute after the first second (the initial burst
-    excluded) and the refused (429) fraction of all requests.
+    Returns the admitted (2xx) rate per minute after ``warmup`` seconds (the initial
+    burst and the learning of limits excluded), the refused (429) fraction of all
+    requests, and the refused fraction after the warmup.
     """
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.get_context("spawn")
@@ -132,12 +134,15 @@ def against_server(
         out.close()
         out.join_thread()
     times = sorted(t for r in results for t in r[0])
-    refused = sum(r[1] for r in results)
+    refused = sorted(t for r in results for t in r[1])
     start = min(r[2] for r in results)
-    steady = [t for t in times if t >= start + 1.0]
+    steady = [t for t in times if t >= start + warmup]
+    steady_refused = [t for t in refused if t >= start + warmup]
     return {
-        "admitted_per_min": len(steady) / (seconds - 1.0) * 60,
-        "refused_fraction": refused / max(1, len(times) + refused),
+        "admitted_per_min": len(steady) / (seconds - warmup) * 60,
+        "refused_fraction": len(refused) / max(1, len(times) + len(refused)),
+        "refused_fraction_after_warmup": len(steady_refused)
+        / max(1, len(steady) + len(steady_refused)),
     }
 
 
@@ -156,7 +161,9 @@ def _caller(
     body = json.dumps(
         {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
     ).encode()
-    est, ok, refused = 16 + 8, [], 0
+    est = 16 + 8
+    ok: list[float] = []
+    refused: list[float] = []
     barrier.wait()
     start = time.time()
     deadline = start + seconds
@@ -179,7 +186,7 @@ def _caller(
             exc.close()
             if exc.code != 429:
                 raise
-            refused += 1
+            refused.append(time.time())
             budget.pause(float(exc.headers.get("retry-after") or 1.0))
     out.put((ok, refused, start))
     budget.close()

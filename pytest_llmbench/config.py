@@ -105,6 +105,13 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _record_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in ("none", "once", "new_episodes", "all"):
+        raise ValueError("expected one of none, once, new_episodes, all")
+    return mode
+
+
 def _bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -376,6 +383,25 @@ OPTIONS: tuple[Option, ...] = (
         "ignore stored responses (new ones are still saved)",
         _bool,
         kind="flag",
+    ),
+    Option(
+        "llm_record_mode",
+        "--llm-record-mode",
+        "LLMBENCH_RECORD_MODE",
+        None,
+        "cassettes: none (replay only), once, new_episodes or all, as vcrpy means them "
+        "(default: none when cassettes exist and no key is set, else no cassettes)",
+        _record_mode,
+        metavar="MODE",
+    ),
+    Option(
+        "llm_cassette_dir",
+        "--llm-cassette-dir",
+        "LLMBENCH_CASSETTE_DIR",
+        None,
+        "where cassettes live (default: cassettes/<module>/ beside each suite)",
+        Path,
+        metavar="DIR",
     ),
     Option(
         "llm_report",

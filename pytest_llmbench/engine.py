@@ -223,37 +223,94 @@ def maybe_prefetch(config: pytest.Config, state: RunState) -> None:
 
 
 def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None:
-    """Plan, batch, and plan again with the first answers until nothing new is asked."""
-    from .batch import fetch_batch
+    """Plan, batch, and plan again with the first answers until nothing new is asked.
+
+    Each round is one plan subprocess and (when it found unanswered requests) one fetch
+    through the Batch API; a test with a call that depends on an earlier answer needs one
+    round per level, at most ``--llm-batch-max-rounds``. Requests still unanswered then,
+    and requests whose body changed between rounds (a prompt that is not reproducible),
+    fail with that reason instead of being sent again and again.
+    """
+    from .batch import BatchRunner, clear_errors, fetch_batch, make_runner, record_errors
+    from .errors import LLMCallError
 
     settings = state.llm_config.batch
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     state.mode = "batch"
+    meta: dict[str, Any] = state.report_meta.setdefault("batch", {"jobs": [], "waited_s": 0.0})
+    # failures of earlier invocations are asked again, as a live run would
+    clear_errors(state.store)
+    runner: BatchRunner | None = None
     asked: set[str] = set()
+    slots: dict[tuple[str, int], str] = {}
+    errors: dict[str, str] = {}
     rounds = 0
-    leftover: set[str] = set()
     plan_total = 0.0
-    while True:
-        planned, plan_s = run_plan(config, state, workdir)
-        plan_total += plan_s
-        todo = [p for p in planned if not state.is_answered(p.key)]
-        if not todo:
-            break
-        state.check_credentials()
-        if rounds >= settings.max_rounds or {p.key for p in todo} <= asked:
-            leftover = {p.key for p in todo}
-            break
-        asked |= {p.key for p in todo}
-        rounds += 1
-        _, retry = fetch_batch(config, state, todo, deadline)
-        leftover = retry
-    meta = state.report_meta.setdefault("batch", {"jobs": [], "waited_s": 0.0})
-    meta.update({"rounds": rounds, "plan_s": round(plan_total, 3), "unanswered": len(leftover)})
-    jobs = ", ".join(meta["jobs"]) or "none (all answers stored)"
-    state.summary_notes.append(
-        f"llmbench batch: {rounds} round(s), job(s) {jobs}; waited {meta['waited_s']:.1f}s"
-        + (f"; {len(leftover)} request(s) left unanswered" if leftover else "")
-    )
+    try:
+        while True:
+            planned, plan_s = run_plan(config, state, workdir)
+            plan_total += plan_s
+            fresh: list[PlannedRequest] = []
+            for p in planned:
+                if p.key in asked or state.is_answered(p.key):
+                    continue  # answered, or failed in this invocation (left to live)
+                earlier = slots.get((p.nodeid, p.ordinal))
+                if earlier is not None and earlier != p.key:
+                    errors[p.key] = (
+                        f"call {p.ordinal} of this test sent a different request in plan round "
+                        f"{rounds + 1} than before: a prompt that changes from run to run "
+                        "(time, randomness) cannot be answered through the Batch API"
+                    )
+                    continue
+                fresh.append(p)
+            if not fresh:
+                break
+            if rounds >= settings.max_rounds:
+                for p in fresh:
+                    errors[p.key] = (
+                        f"not answered: this test needs more than --llm-batch-max-rounds "
+                        f"{settings.max_rounds} round(s) of dependent calls"
+                    )
+                break
+            state.check_credentials()
+            if runner is None:
+                runner = make_runner(config, state)
+            rounds += 1
+            for p in fresh:
+                asked.add(p.key)
+                slots[(p.nodeid, p.ordinal)] = p.key
+            fetch_batch(config, state, fresh, deadline, runner)
+    except LLMCallError as exc:
+        pytest.exit(f"llmbench: a Batch API call failed: {exc}", returncode=1)
+    finally:
+        meta["rounds"] = rounds
+        meta["plan_s"] = round(plan_total, 3)
+        if runner is not None:
+            meta["jobs"] = [*meta["jobs"], *runner.resumed, *runner.job_ids]
+            meta["waited_s"] = round(meta["waited_s"] + runner.waited, 3)
+    live = settings.fallback == "live"
+    notes: list[str] = list(runner.problems) if runner is not None else []
+    job_failed = len(runner.failed_keys) if runner is not None else 0
+    if job_failed:
+        notes.append(
+            f"{job_failed} request(s) failed in the Batch API"
+            + ("; left to the live API" if live else "")
+        )
+    if runner is not None and runner.lost:
+        notes.append(f"job(s) unknown to the API, planned again: {', '.join(runner.lost)}")
+    if errors:
+        record_errors(state.store, errors)
+        deep = sum(1 for e in errors.values() if "max-rounds" in e)
+        if deep:
+            notes.append(
+                f"{deep} request(s) still unanswered after {rounds} round(s) (raise "
+                "--llm-batch-max-rounds)" + ("; left to the live API" if live else "")
+            )
+        if len(errors) > deep:
+            notes.append(f"{len(errors) - deep} request(s) changed between plan rounds")
+    meta["failed"] = job_failed
+    meta["unanswered"] = job_failed + len(errors)
+    meta["notes"] = notes
 
 
 def fetch_live(
@@ -295,19 +352,22 @@ async def _fetch_all(state: RunState, todo: Iterable[PlannedRequest], progress: 
 
     import openai
 
+    from .cassettes import case_scope, fetch_cassette
     from .client import ATTEMPTS_HEADER, LIMITED_HEADER
     from .errors import LLMCallError
 
     shared = state.client._shared
     stats = state.client.stats
     store = state.store
+    todo = list(todo)
     gate = asyncio.Semaphore(state.llm_config.max_concurrency)
     aclient = openai.AsyncOpenAI(**shared._client_kwargs())
 
     async def one(req: PlannedRequest) -> None:
         async with gate:
             try:
-                raw = await shared.asend(req.body, stats, aclient)
+                with case_scope(req.nodeid):  # files the request under its case's cassette
+                    raw = await shared.asend(req.body, stats, aclient)
             except LLMCallError as exc:
                 progress.fail(exc)
                 return
@@ -335,6 +395,8 @@ async def _fetch_all(state: RunState, todo: Iterable[PlannedRequest], progress: 
             )
 
     try:
-        await asyncio.gather(*(one(r) for r in todo))
+        # with cassettes: one in-memory cassette of all planned cases, saved split per case
+        with fetch_cassette(state, [r.nodeid for r in todo]):
+            await asyncio.gather(*(one(r) for r in todo))
     finally:
         await aclient.close()

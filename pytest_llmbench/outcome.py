@@ -43,7 +43,8 @@ def run_mode(state: RunState, requests: int | None = None) -> str:
     """live, prefetch, batch, or replay when this run sent no request at all."""
     if state.llm_config.batch.enabled:
         return "batch"
-    if requests == 0 and state.mode == "live" and state.cases:
+    called = any(c.calls for c in state.cases.values())
+    if requests == 0 and state.mode == "live" and called:
         return "replay"
     return state.mode
 
@@ -65,6 +66,11 @@ def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: flo
         raise pytest.UsageError(f"--llm-prices: {exc}") from None
     summaries = summarize(cases, prices)
     total = totals(summaries)
+    if state.llm_config.batch.enabled:
+        from .batch import summary_lines
+
+        # jobs, waiting, rounds and the saving vs real-time prices (also in the report)
+        state.summary_notes.extend(summary_lines(state, cases, prices))
     from .gates import evaluate
 
     results = evaluate(gates, summaries) if gates else []

@@ -110,17 +110,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     unknown = set(marker.kwargs) - MARKER_KWARGS
     if unknown:
         allowed = ", ".join(sorted(MARKER_KWARGS))
-        raise pytest.UsageError(
-            f"{where}: unknown argument(s) {sorted(unknown)}; allowed: {allowed}"
+        pytest.fail(
+            pytrace=False,
+            reason=f"{where}: unknown argument(s) {sorted(unknown)}; allowed: {allowed}",
         )
     source = marker.kwargs.get("dataset", marker.args[0] if marker.args else None)
     if source is None:
-        raise pytest.UsageError(f"{where}: needs dataset=PATH or an iterable of dicts")
+        pytest.fail(pytrace=False, reason=f"{where}: needs dataset=PATH or an iterable of dicts")
     temperatures = state.settings.get("llm_temperatures") or marker.kwargs.get("temperatures")
     temps: list[float | None] = [None] if not temperatures else [float(t) for t in temperatures]
     samples = int(marker.kwargs.get("samples", 1))
     if samples < 1:
-        raise pytest.UsageError(f"{where}: samples must be at least 1")
+        pytest.fail(pytrace=False, reason=f"{where}: samples must be at least 1")
     try:
         items = load_dataset(
             source,
@@ -129,7 +130,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             required=tuple(marker.kwargs.get("required", ())),
         )
     except DatasetError as exc:
-        raise pytest.UsageError(str(exc)) from None
+        pytest.fail(str(exc), pytrace=False)
     items = select(
         items,
         limit=state.settings.get("llm_limit"),

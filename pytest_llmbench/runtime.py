@@ -94,6 +94,8 @@ class RunState:
     summary: Any = None  # filled at session finish (controller)
     fresh_since: float | None = None
     run_token: str = ""
+    record_mode: str | None = None  # cassettes (cassettes.py); None: no cassettes
+    cassette_dir: Path | None = None
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -135,6 +137,9 @@ class RunState:
             state.fresh_since = float(shared["fresh_since"])
         elif settings.get("llm_fresh"):
             state.fresh_since = state.started_at
+        from .cassettes import configure as configure_cassettes
+
+        configure_cassettes(config, state, shared)
         return state
 
     def start_simulator(self) -> None:
@@ -173,6 +178,7 @@ class RunState:
             "fresh_since": self.fresh_since,
             "run_token": self.run_token,
             "run_started": self.started_at,
+            "record_mode": self.record_mode,
         }
 
     def is_answered(self, key: str) -> bool:
@@ -183,7 +189,8 @@ class RunState:
         return stored is not None and stored.created_at >= self.fresh_since
 
     def has_credentials(self) -> bool:
-        return self.llm_config.api_key is not None or self.sim_enabled
+        # a replay from cassettes (record mode none) never sends a request
+        return self.llm_config.api_key is not None or self.sim_enabled or self.record_mode == "none"
 
     def check_credentials(self) -> None:
         if not self.has_credentials():

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("ready", flush=True)
     sys.stdin.readline()
+    started = time.time()
     result: dict[str, object] = {}
     try:
         if args.mode == "hammer":
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                     ops += 1
                 if t < deadline:
                     admitted.append(t)
-            result = {"admitted": admitted, "ops": ops}
+            result = {"admitted": admitted, "ops": ops, "started": started}
         elif args.mode == "spin":
             while True:
                 budget.reserve(args.tokens)

@@ -144,21 +144,11 @@ class BudgetState:
     tokens_level: float | None = None
     tokens_server_limit: float | None = None
 
-    FIELDS = (
-        "ts",
-        "paused_until",
-        "peak_tokens",
-        "requests_level",
-        "requests_server_limit",
-        "tokens_level",
-        "tokens_server_limit",
-    )
-
     @classmethod
     def from_fields(cls, data: Mapping[str, Any]) -> BudgetState:
         """Build from stored fields; a missing or invalid field takes its fresh value."""
         state = cls()
-        for name in cls.FIELDS:
+        for name in STATE_FIELDS:
             raw = data.get(name)
             if isinstance(raw, bool) or not isinstance(raw, (int, float, str, bytes)):
                 continue
@@ -172,6 +162,9 @@ class BudgetState:
 
     def to_fields(self) -> dict[str, float | None]:
         return dataclasses.asdict(self)
+
+
+STATE_FIELDS = tuple(f.name for f in dataclasses.fields(BudgetState))
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,23 +194,29 @@ def _refill(state: BudgetState, limits: Limits, now: float) -> None:
     # paused time earns nothing, so a pause does not bank a burst for when it ends
     credit = max(0.0, now - max(state.ts, state.paused_until))
     rpm, tpm = limits_in_force(state, limits)
-    state.requests_level = _level(state.requests_level, rpm, credit, state, limits, False)
-    state.tokens_level = _level(state.tokens_level, tpm, credit, state, limits, True)
+    state.requests_level = _bucket(
+        state, limits, state.requests_level, rpm, tokens=False, credit=credit
+    )
+    state.tokens_level = _bucket(state, limits, state.tokens_level, tpm, tokens=True, credit=credit)
     state.ts = now
 
 
-def _level(
-    level: float | None,
-    limit: float | None,
-    credit: float,
+def _bucket(
     state: BudgetState,
     limits: Limits,
+    level: float | None,
+    limit: float | None,
+    *,
     tokens: bool,
+    credit: float = 0.0,
+    ceiling: float | None = None,
 ) -> float | None:
+    """A bucket's level refilled for ``credit`` seconds, capped, and at most ``ceiling``."""
     if limit is None:
         return None
     cap = capacity(state, limits, limit, tokens=tokens)
-    return cap if level is None else min(cap, level + credit * limit / 60.0)
+    level = cap if level is None else min(cap, level + credit * limit / 60.0)
+    return level if ceiling is None else min(level, float(ceiling))
 
 
 def wait_time(state: BudgetState, limits: Limits, now: float) -> float:
@@ -275,25 +274,13 @@ def observe(state: BudgetState, limits: Limits, snap: RateLimitSnapshot, now: fl
     if snap.limit_tokens:
         state.tokens_server_limit = float(snap.limit_tokens)
     rpm, tpm = limits_in_force(state, limits)
-    state.requests_level = _clamp(
-        state.requests_level, rpm, snap.remaining_requests, state, limits, False
+    # credit 0: the level is only re-capped (a lower limit has a smaller cap), then clamped
+    state.requests_level = _bucket(
+        state, limits, state.requests_level, rpm, tokens=False, ceiling=snap.remaining_requests
     )
-    state.tokens_level = _clamp(state.tokens_level, tpm, snap.remaining_tokens, state, limits, True)
-
-
-def _clamp(
-    level: float | None,
-    limit: float | None,
-    remaining: int | None,
-    state: BudgetState,
-    limits: Limits,
-    tokens: bool,
-) -> float | None:
-    if limit is None:
-        return None
-    cap = capacity(state, limits, limit, tokens=tokens)
-    level = cap if level is None else min(level, cap)
-    return level if remaining is None else min(level, float(remaining))
+    state.tokens_level = _bucket(
+        state, limits, state.tokens_level, tpm, tokens=True, ceiling=snap.remaining_tokens
+    )
 
 
 def pause(state: BudgetState, limits: Limits, seconds: float, now: float) -> None:

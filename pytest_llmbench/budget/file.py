@@ -43,8 +43,9 @@ FORMAT_VERSION = 1
 RECORD_SIZE = 512  # the JSON is padded to this; longer records are written whole
 _O_BINARY = getattr(os, "O_BINARY", 0)
 
-# filelock retries a busy lock by sleeping poll_interval (default 0.05 s, no FIFO): that
-# default measured p99 100 ms per reservation with 8 processes, 0.001 s measured 22 ms.
+# filelock retries a busy lock by sleeping poll_interval (default 0.05 s, no FIFO). With 8
+# processes hammering (benchmarks/budget_lock.py, 2 vCPU) 0.05 s gave p99 50-100 ms and a
+# max near 1 s per reservation; 0.002 s gave p99 ~35 ms and a max ~150 ms.
 DEFAULT_POLL_INTERVAL = 0.002
 
 T = TypeVar("T")

@@ -12,14 +12,17 @@ Every write renews a TTL so that the state of an abandoned run disappears.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import BudgetError
 from .base import BaseBudget, BudgetState, Clock, Limits, RateLimitSnapshot, Sleep, mask_url
 
 if TYPE_CHECKING:
     import redis
+
+T = TypeVar("T")
 
 DEFAULT_PREFIX = "llmbench:budget:"
 DEFAULT_TTL = 3600.0
@@ -267,7 +270,7 @@ class RedisBudget(BaseBudget):
         status, value = reply
         return _text(status), _text(value)
 
-    def _call(self, fn: Any) -> Any:
+    def _call(self, fn: Callable[[redis.Redis], T]) -> T:
         if self._client is None:
             raise BudgetError(f"the Redis budget {self.url} is closed")
         try:
@@ -283,8 +286,10 @@ class RedisBudget(BaseBudget):
 
 
 def _password(url: str) -> str | None:
+    """The password in ``url`` (user info or ``?password=``), to scrub from messages."""
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
+        password = parts.password or parse_qs(parts.query).get("password", [""])[0]
     except ValueError:
         return None
     return unquote(password) if password else None

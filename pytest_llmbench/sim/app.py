@@ -196,6 +196,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if cfg.tpm_refund_unused:
             reserved = req.rate_tokens - req.prompt_tokens
             state.limits_for(req.model).refund_tokens(reserved - answer.completion_tokens)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # The client went away during the latency (killed, timed out): the answer is
+            # never delivered, so it must not count as answered; a later identical request
+            # is then no duplicate of anything the client received.
+            state.record_undelivered()
+            return json_response(body, headers=headers)
         state.record_answer(req.hash, answer.prompt_tokens, answer.completion_tokens)
         return json_response(body, headers=headers)
 

@@ -15,6 +15,7 @@ Statistics (``GET /_sim/stats``; ``/_sim/*`` requests are not counted):
 ``in_flight`` / ``peak_in_flight``          chat requests being handled (now / at most)
 ``duplicate_bodies``          answers to a body identical to one answered 200 before
 ``duplicate_body_hashes``     ``{sha256 of canonical body: times answered again}``
+``undelivered``               answers not counted: the client had gone when they were ready
 ``files_uploaded`` / ``batches_created``
 ``batch_lines_processed``     lines executed (counted when their batch leaves in_progress)
 ``faults_injected``           ``{"500"|"503"|"drop"|"hang"|"malformed"|"429"|"storm": n}``
@@ -187,6 +188,7 @@ class SimState:
             "completion_tokens": 0,
             "peak_in_flight": self._in_flight,
             "duplicate_bodies": 0,
+            "undelivered": 0,
             "duplicate_body_hashes": {},
             "files_uploaded": 0,
             "batches_created": 0,
@@ -225,6 +227,10 @@ class SimState:
         finally:
             with self.lock:
                 self._in_flight -= 1
+
+    def record_undelivered(self) -> None:
+        with self.lock:
+            self._stats["undelivered"] += 1
 
     def record_answer(self, body_hash: str, prompt: int, completion: int) -> None:
         with self.lock:
