@@ -674,11 +674,11 @@ def stored_error(store: ResponseStore, key: str) -> str | None:
 
 
 def summary_lines(state: RunState, cases: Sequence[CaseResult], prices: PriceTable) -> list[str]:
-    """The batch line of the summary (mode, jobs, waiting, rounds, saving); also fills
-    ``report_meta["batch"]`` with the cost figures. Empty outside ``--batch-api``."""
-    meta = state.report_meta.get("batch")
-    if meta is None:
+    """The batch lines of the summary (jobs, waiting, rounds, saving, problems); also
+    fills ``report_meta["batch"]`` with the cost figures. Empty outside ``--batch-api``."""
+    if not state.llm_config.batch.enabled:
         return []
+    meta = state.report_meta.setdefault("batch", {"jobs": [], "waited_s": 0.0, "rounds": 0})
     batch_cost = realtime = 0.0
     priced = True
     for c in cases:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 SPOOL_ENV = "PYTEST_LLMBENCH_SPOOL"
 SHARED_ENV = "PYTEST_LLMBENCH_SHARED"
+ONLY_ENV = "PYTEST_LLMBENCH_PLAN_ONLY"
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,16 @@ def plan_recorder(config: pytest.Config) -> Callable[[str, str, int, str, dict[s
 
 
 def plan_filter(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
-    """In the plan phase only tests that use ``llm`` and did not opt out run."""
+    """In the plan phase only tests that use ``llm`` and did not opt out run (and, when
+    the controller passed a list, only those without stored answers)."""
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
+    only_file = os.environ.get(ONLY_ENV)
+    only = set(json.loads(Path(only_file).read_text(encoding="utf-8"))) if only_file else None
     for item in items:
+        if only is not None and item.nodeid not in only:
+            drop.append(item)
+            continue
         marker = item.get_closest_marker("llmbench")
         opted_out = marker is not None and marker.kwargs.get("plan", True) is False
         uses_llm = "llm" in getattr(item, "fixturenames", ())
@@ -96,12 +103,20 @@ def read_spool(path: Path) -> list[PlannedRequest]:
 
 
 def run_plan(
-    config: pytest.Config, state: RunState, workdir: Path
+    config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None = None
 ) -> tuple[list[PlannedRequest], float]:
-    """Run the plan subprocess; returns the planned requests and the seconds it took."""
+    """Run the plan subprocess; returns the planned requests and the seconds it took.
+
+    ``only`` limits planning to those node ids (the rest of the selection is deselected
+    in the subprocess), so a resumed run plans only what has no answer yet.
+    """
     started = time.perf_counter()
     spool = workdir / "plan.jsonl"
     spool.unlink(missing_ok=True)
+    only_file = workdir / "plan-only.json"
+    only_file.unlink(missing_ok=True)
+    if only is not None:
+        only_file.write_text(json.dumps(sorted(only)), encoding="utf-8")
     args = list(config.invocation_params.args)
     cache_copy = workdir / "cache"
     shutil.rmtree(cache_copy, ignore_errors=True)
@@ -128,6 +143,8 @@ def run_plan(
     env = dict(os.environ)
     env[PHASE_ENV] = "plan"
     env[SPOOL_ENV] = str(spool)
+    if only is not None:
+        env[ONLY_ENV] = str(only_file)
     env[SHARED_ENV] = json.dumps(state.shared_for_children())
     log = workdir / "plan.log"
     with log.open("wb") as out:
@@ -164,34 +181,37 @@ def _cache_dir(config: pytest.Config) -> Path | None:
 
 
 # ------------------------------------------------------------------------ controller
-def uses_llm(items: Iterable[pytest.Item]) -> bool:
-    return any("llm" in getattr(item, "fixturenames", ()) for item in items)
+def llm_nodeids(items: Iterable[pytest.Item]) -> list[str]:
+    """Node ids of the items that use ``llm`` and may be planned."""
+    keep, _ = plan_filter(list(items))
+    return [item.nodeid for item in keep]
 
 
 def _flag_path(state: RunState, workerid: str) -> Path:
-    return state.llm_config.run_dir / f"collected-{state.run_token}-{workerid}.flag"
+    return state.llm_config.run_dir / f"collected-{state.run_token}-{workerid}.json"
 
 
-def write_collection_flag(config: pytest.Config, state: RunState, value: bool) -> None:
+def write_collection_flag(config: pytest.Config, state: RunState, nodeids: list[str]) -> None:
     from .store import ensure_run_dir
 
     ensure_run_dir(state.llm_config.run_dir)
     workerid = getattr(config, "workerinput", {}).get("workerid", "main")
-    _flag_path(state, workerid).write_text("1" if value else "0", encoding="utf-8")
+    _flag_path(state, workerid).write_text(json.dumps(nodeids), encoding="utf-8")
 
 
-def read_collection_flag(state: RunState, workerid: str) -> bool:
-    path = _flag_path(state, workerid)
+def read_collection_flag(state: RunState, workerid: str) -> list[str] | None:
+    """The node ids a worker would plan; None when unknown (then plan everything)."""
     try:
-        return path.read_text(encoding="utf-8") == "1"
-    except OSError:
-        return True  # unknown: planning costs one subprocess, skipping it costs throughput
+        data = json.loads(_flag_path(state, workerid).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return [str(n) for n in data] if isinstance(data, list) else None
 
 
 def remove_collection_flags(state: RunState) -> None:
     run_dir = state.llm_config.run_dir
     if run_dir.is_dir():
-        for stale in run_dir.glob(f"collected-{state.run_token}-*.flag"):
+        for stale in run_dir.glob(f"collected-{state.run_token}-*.json"):
             stale.unlink(missing_ok=True)
 
 
@@ -204,16 +224,35 @@ def prefetch_enabled(config: pytest.Config, state: RunState) -> bool:
     return not (opt.collectonly or getattr(opt, "setuponly", False) or getattr(opt, "help", False))
 
 
-def maybe_prefetch(config: pytest.Config, state: RunState) -> None:
+def unanswered(state: RunState, nodeids: list[str] | None) -> list[str] | None:
+    """The node ids that have no stored answer at all: only those need planning.
+
+    A case with an answer (a resumed or --lf run) replays; a call of it that is new
+    anyway (an edited prompt, a dependent call) runs live through the shared budget.
+    None means "plan the whole selection" (the selection is unknown).
+    """
+    if nodeids is None:
+        return None
+    answered = state.store.nodeids(since=state.fresh_since)
+    return [n for n in nodeids if n not in answered]
+
+
+def maybe_prefetch(config: pytest.Config, state: RunState, nodeids: list[str] | None) -> None:
     """Plan and fetch before the session runs (controller only)."""
     if not prefetch_enabled(config, state):
         return
+    # Batch mode always plans the whole selection: a case with some answers may still
+    # have a dependent call to ask, or one in a job still open from an interrupted run;
+    # skipping it would send that call live, at full price, or pay for it twice.
+    only = None if state.llm_config.batch.enabled else unanswered(state, nodeids)
+    if only is not None and not only:
+        return  # every selected case has its answers stored: a pure replay
     workdir = Path(tempfile.mkdtemp(prefix="llmbench-plan-"))
     try:
         if state.llm_config.batch.enabled:
             _batch_rounds(config, state, workdir)
         else:
-            planned, plan_s = run_plan(config, state, workdir)
+            planned, plan_s = run_plan(config, state, workdir, only)
             if planned:
                 state.check_credentials()
                 state.mode = "prefetch"

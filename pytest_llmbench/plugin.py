@@ -94,8 +94,9 @@ class XdistHooks:
         self.planned = True
         from .engine import maybe_prefetch, read_collection_flag
 
-        if read_collection_flag(self.state, node.workerinput["workerid"]):
-            maybe_prefetch(node.config, self.state)
+        nodeids = read_collection_flag(self.state, node.workerinput["workerid"])
+        if nodeids is None or nodeids:
+            maybe_prefetch(node.config, self.state, nodeids)
 
 
 # ---------------------------------------------------------------------- parametrization
@@ -204,7 +205,16 @@ def llm(request: pytest.FixtureRequest, temperature: float | None) -> Iterator[L
         pytest.exit(MISSING_KEY, returncode=pytest.ExitCode.USAGE_ERROR)
     acc = request.node.stash.setdefault(CASE, CaseAccumulator())
     recorder = _recorder(request.config) if state.phase == "plan" else None
-    yield state.bound_client(request.node.nodeid, temperature, acc, recorder)
+    client = state.bound_client(request.node.nodeid, temperature, acc, recorder)
+    if state.phase != "run" or state.record_mode is None:
+        yield client
+        return
+    from .cassettes import case_cassette
+
+    # calls the fetch stage could not answer ahead (dependent, unplanned) go through the
+    # case's own cassette: one file per case, written by the one worker that runs it
+    with case_cassette(state, request.node.nodeid):
+        yield client
 
 
 def _recorder(config: pytest.Config) -> Any:
@@ -292,13 +302,14 @@ class RunHooks:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         if self.state.phase != "run":
             return
-        from .engine import maybe_prefetch, uses_llm, write_collection_flag
+        from .engine import llm_nodeids, maybe_prefetch, write_collection_flag
 
+        nodeids = llm_nodeids(session.items)
         if is_worker(self.config):
-            # tell the controller, which never collects, whether there is anything to plan
-            write_collection_flag(self.config, self.state, uses_llm(session.items))
-        elif uses_llm(session.items):
-            maybe_prefetch(self.config, self.state)
+            # tell the controller, which never collects, what there is to plan
+            write_collection_flag(self.config, self.state, nodeids)
+        elif nodeids:
+            maybe_prefetch(self.config, self.state, nodeids)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

@@ -333,6 +333,16 @@ class ResponseStore:
     def __len__(self) -> int:
         return int(self._query("SELECT count(*) FROM responses")[0][0])
 
+    def nodeids(self, since: float | None = None) -> set[str]:
+        """Node ids with at least one stored answer (created at or after ``since``)."""
+        if since is None:
+            rows = self._query("SELECT DISTINCT nodeid FROM responses")
+        else:
+            rows = self._query(
+                "SELECT DISTINCT nodeid FROM responses WHERE created_at >= ?", (since,)
+            )
+        return {row[0] for row in rows}
+
     def keys(self) -> list[str]:
         """Every stored key, oldest first."""
         return [row[0] for row in self._query("SELECT key FROM responses ORDER BY rowid")]
