@@ -138,9 +138,11 @@ class BatchRunner:
         self.note = note or (lambda line: None)
         self.policy = BackoffPolicy(base=0.5, cap=10.0)
         self.waited = 0.0
+        self.deadline: float | None = None  # --llm-batch-timeout, from the first wait
         self.job_ids: list[str] = []  # submitted by this invocation
         self.resumed: list[str] = []  # found open at the start of a round
         self.lost: list[str] = []  # saved jobs the API does not know (any more)
+        self.requeue: list[PlannedRequest] = []  # the requests of lost jobs
         self.problems: list[str] = []  # failed / cancelled jobs, for the summary
         self.failed_keys: set[str] = set()  # requests that failed for good
         self.live_keys: set[str] = set()  # left to --llm-batch-fallback live
@@ -328,31 +330,59 @@ class BatchRunner:
     def _lose(self, job: dict[str, Any]) -> None:
         bid = job["batch_id"]
         self.lost.append(bid)
+        self.requeue += [_planned(k, row) for k, row in self.requests_of(job).items()]
         self._forget_job(job["input_file_id"])
         self.note(
             f"llmbench batch: job {bid} is unknown to the API at "
             f"{self.state.llm_config.base_url or 'api.openai.com'} (another account, or a "
-            "simulator that has stopped); its requests are planned again"
+            "simulator that has stopped); its requests are submitted again"
         )
 
-    def wait_all(self, deadline: float | None, *, detach: bool = False) -> list[Any]:
+    def wait_all(self, *, detach: bool = False) -> list[Any]:
         """Poll every open job until all are terminal; returns the final batch objects.
 
-        With ``detach``, look once and exit unless every job is finished already.
+        With ``detach``, look once and exit unless every job is finished already. The
+        ``--llm-batch-timeout`` clock starts at the first wait of the invocation and
+        covers every later one (follow-up jobs, further rounds).
         """
         open_jobs = self.open_jobs()
         if not open_jobs:
             return []
+        if self.deadline is None and self.settings.timeout is not None:
+            self.deadline = time.monotonic() + self.settings.timeout
+        deadline = self.deadline
         total = sum(int(j.get("count", 0)) for j in open_jobs)
         progress = self.progress_factory(total)
         started = time.monotonic()
         finals: dict[str, Any] = {}
+        try:
+            return self._wait(open_jobs, finals, progress, started, deadline, detach)
+        except KeyboardInterrupt:
+            progress.finish()
+            ids = ", ".join(j["batch_id"] for j in open_jobs if j["batch_id"] not in finals)
+            self.note(
+                f"llmbench batch: interrupted; job(s) {ids} keep running at the API and are "
+                "saved: run the same command again to resume (nothing is submitted twice)"
+            )
+            raise
+
+    def _wait(
+        self,
+        open_jobs: list[dict[str, Any]],
+        finals: dict[str, Any],
+        progress: Any,
+        started: float,
+        deadline: float | None,
+        detach: bool,
+    ) -> list[Any]:
         while True:
             current = self.poll(open_jobs, finals)
             live = [b for b in current if b is not None]
             done = sum(b.request_counts.completed for b in live if b.request_counts)
             failed = sum(b.request_counts.failed for b in live if b.request_counts)
-            progress.update(done, failed, [b.status for b in live], time.monotonic() - started)
+            if live:
+                statuses = [b.status for b in live]
+                progress.update(done, failed, statuses, time.monotonic() - started)
             if len(finals) == len(open_jobs):
                 break
             now = time.monotonic()
@@ -609,9 +639,12 @@ class BatchProgress:
 
 
 def make_runner(config: pytest.Config, state: RunState) -> BatchRunner:
+    # input files reach 200 MB: uploads and downloads get more time than a chat call
+    client = state.client._shared.sync_client()
+    client = client.with_options(timeout=max(state.llm_config.timeout, 600.0))
     return BatchRunner(
         state,
-        state.client._shared.sync_client(),
+        client,
         state.store,
         lambda total: BatchProgress(config, total),
         limits=_limits(state),
@@ -623,7 +656,6 @@ def fetch_batch(
     config: pytest.Config,
     state: RunState,
     planned: Sequence[PlannedRequest],
-    deadline: float | None,
     runner: BatchRunner | None = None,
 ) -> int:
     """One round: submit what is neither stored nor in an open job, wait, collect, and
@@ -646,12 +678,16 @@ def fetch_batch(
             ids = runner.submit(now)
             count = sum(len(c) for c in now)
             _note(config, f"llmbench batch: submitted {count} request(s) as {', '.join(ids)}")
-        for b in runner.wait_all(deadline, detach=settings.detach):
+        for b in runner.wait_all(detach=settings.detach):
             got = runner.collect(b)
             stored += got.stored
             if got.resubmit:
                 queue += runner.chunks(got.resubmit)
             _note(config, got.line)
+        if runner.requeue:
+            lost = [p for p in runner.requeue if not state.is_answered(p.key)]
+            runner.requeue = []
+            queue += runner.chunks(lost)
     return stored
 
 

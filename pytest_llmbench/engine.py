@@ -274,7 +274,6 @@ def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None
     from .errors import LLMCallError
 
     settings = state.llm_config.batch
-    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     state.mode = "batch"
     meta: dict[str, Any] = state.report_meta.setdefault("batch", {"jobs": [], "waited_s": 0.0})
     # failures of earlier invocations are asked again, as a live run would
@@ -285,9 +284,10 @@ def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None
     errors: dict[str, str] = {}
     rounds = 0
     plan_total = 0.0
+    only: set[str] | None = None
     try:
         while True:
-            planned, plan_s = run_plan(config, state, workdir)
+            planned, plan_s = run_plan(config, state, workdir, only)
             plan_total += plan_s
             fresh: list[PlannedRequest] = []
             for p in planned:
@@ -318,14 +318,17 @@ def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None
             for p in fresh:
                 asked.add(p.key)
                 slots[(p.nodeid, p.ordinal)] = p.key
-            fetch_batch(config, state, fresh, deadline, runner)
+            fetch_batch(config, state, fresh, runner)
+            # only a test that stopped at an unanswered call can ask something new
+            only = {p.nodeid for p in planned}
     except LLMCallError as exc:
         pytest.exit(f"llmbench: a Batch API call failed: {exc}", returncode=1)
     finally:
         meta["rounds"] = rounds
         meta["plan_s"] = round(plan_total, 3)
         if runner is not None:
-            meta["jobs"] = [*meta["jobs"], *runner.resumed, *runner.job_ids]
+            found = [i for i in [*runner.resumed, *runner.job_ids] if i not in runner.lost]
+            meta["jobs"] = [*meta["jobs"], *found]
             meta["waited_s"] = round(meta["waited_s"] + runner.waited, 3)
     live = settings.fallback == "live"
     notes: list[str] = list(runner.problems) if runner is not None else []
@@ -336,7 +339,7 @@ def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None
             + ("; left to the live API" if live else "")
         )
     if runner is not None and runner.lost:
-        notes.append(f"job(s) unknown to the API, planned again: {', '.join(runner.lost)}")
+        notes.append(f"job(s) unknown to the API, submitted again: {', '.join(runner.lost)}")
     if errors:
         record_errors(state.store, errors)
         deep = sum(1 for e in errors.values() if "max-rounds" in e)

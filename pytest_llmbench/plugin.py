@@ -224,23 +224,41 @@ def _recorder(config: pytest.Config) -> Any:
 
 
 # ---------------------------------------------------------------------- reports
+API_ERROR = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """Turn the plan signal, API errors and benchmark assertions into short outcomes.
+
+    pytest formats a full traceback for every failure, parsing source files for each
+    frame (~50 ms each); a benchmark with thousands of wrong answers would spend minutes
+    there. Raising pytest's own outcomes here gives one-line reports instead.
+    """
+    try:
+        return (yield)
+    except LLMPending:
+        # plan phase: the test stopped at its first unanswered call; not a result
+        pytest.skip("llmbench: planned")
+    except LLMCallError as exc:
+        item.stash[API_ERROR] = str(exc)
+        pytest.fail(f"API error: {exc}", pytrace=False)
+    except AssertionError as exc:
+        short = item.config.option.tbstyle == "auto" and bool(str(exc))
+        if item.get_closest_marker("llmbench") is None or not short:
+            raise
+        pytest.fail(str(exc), pytrace=False)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    excinfo = call.excinfo
-    if excinfo is not None and excinfo.errisinstance(LLMPending):
-        # plan phase: the test stopped at its first unanswered call; not a result
-        report.outcome = "skipped"
-        report.longrepr = (str(item.path), 0, "llmbench: planned")
-        return report
-    if excinfo is not None and excinfo.errisinstance(LLMCallError):
-        report.longrepr = f"{item.nodeid}: API error: {excinfo.value}"
     tracked = CASE in item.stash or item.get_closest_marker("llmbench") is not None
     final = call.when == "call" or (call.when == "setup" and report.outcome != "passed")
-    if tracked and final:
-        for name, value in _case_properties(item, report, excinfo).items():
+    if tracked and final and item.config.stash[STATE].phase == "run":
+        for name, value in _case_properties(item, report, call.excinfo).items():
             report.user_properties.append((f"llm.{name}", value))
     return report
 
@@ -251,9 +269,13 @@ def _case_properties(item: pytest.Item, report: pytest.TestReport, excinfo: Any)
     param = callspec.params.get(PARAM_FIXTURE) if callspec is not None else None
     outcome: str = report.outcome
     error = None
-    if excinfo is not None and (excinfo.errisinstance(LLMCallError) or report.when != "call"):
+    api_error = item.stash.get(API_ERROR, None)
+    if api_error is not None:
         outcome = "error"
-        error = str(excinfo.value).splitlines()[0][:300] if str(excinfo.value) else excinfo.typename
+        error = api_error.splitlines()[0][:300]
+    elif excinfo is not None and report.when != "call":
+        outcome = "error"
+        error = (str(excinfo.value).splitlines() or [excinfo.typename])[0][:300]
     elif outcome == "failed" and excinfo is not None:
         error = (str(excinfo.value).splitlines() or [excinfo.typename])[0][:300]
     func = getattr(item, "originalname", item.name)

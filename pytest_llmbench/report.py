@@ -215,7 +215,10 @@ _RUN = (
     _f(
         "batch",
         "object",
-        "Batch API only: `jobs` (batch ids), `waited_s`, `rounds`, `plan_s`, `unanswered`",
+        "Batch API only: `jobs` (batch ids), `waited_s`, `rounds`, `plan_s`, `failed` "
+        "(requests the Batch API failed for good), `unanswered` (those plus requests beyond "
+        "the round limit), `notes`, `cost_usd` (batch prices), `realtime_cost_usd` (the same "
+        "tokens at real-time prices), `saved_usd`",
         required=False,
     ),
 )

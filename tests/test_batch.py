@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -130,8 +129,8 @@ class Bench:
         return self.sim.stats()
 
     def batches(self) -> list[Any]:
-        """The simulator's batches, oldest first."""
-        return sorted(self.api.batches.list(limit=100).data, key=lambda b: b.created_at)
+        """The simulator's batches, oldest first (the API lists the newest first)."""
+        return list(reversed(self.api.batches.list(limit=100).data))
 
     def store(self) -> ResponseStore:
         return ResponseStore.open(self.path / ".llmbench")
@@ -215,8 +214,14 @@ def test_one_job_for_two_workers_and_shuffled_lines_reach_their_cases(
     (job,) = bench.batches()
     assert job.request_counts.total == 24
     # the output really is shuffled, so the joins below prove the mapping
-    inputs = [json.loads(x)["custom_id"] for x in bench.api.files.content(job.input_file_id).text.splitlines()]
-    outputs = [json.loads(x)["custom_id"] for x in bench.api.files.content(job.output_file_id).text.splitlines()]
+    inputs = [
+        json.loads(x)["custom_id"]
+        for x in bench.api.files.content(job.input_file_id).text.splitlines()
+    ]
+    outputs = [
+        json.loads(x)["custom_id"]
+        for x in bench.api.files.content(job.output_file_id).text.splitlines()
+    ]
     assert sorted(inputs) == sorted(outputs) and inputs != outputs
     # and every case got its own question's answer
     cases = bench.cases()
@@ -236,14 +241,6 @@ def test_one_job_for_two_workers_and_shuffled_lines_reach_their_cases(
     run = bench.report()["run"]
     assert run["mode"] == "batch" and run["batch"]["jobs"] == [job.id]
     assert run["batch"]["realtime_cost_usd"] == pytest.approx(2 * run["batch"]["cost_usd"])
-
-    # When the same command runs again
-    again = bench.run("-n", "2")
-
-    # Then every answer is replayed: no new job
-    again.assert_outcomes(passed=24)
-    assert bench.stats()["batches_created"] == 1
-    again.stdout.fnmatch_lines(["llmbench batch: 0 round(s), 0 job(s) (every answer was stored*"])
 
 
 def test_dependent_calls_run_in_rounds_bounded_by_max_rounds(
@@ -313,7 +310,9 @@ def test_token_limit_exceeded_splits_and_resubmits_one_at_a_time(
         ("completed", 2),
     ]
     assert "token_limit_exceeded" in jobs[0].errors.data[0].code
-    result.stdout.fnmatch_lines([f"llmbench batch: job {jobs[0].id} failed: *token_limit_exceeded*"])
+    result.stdout.fnmatch_lines(
+        [f"llmbench batch: job {jobs[0].id} failed: *token_limit_exceeded*"]
+    )
 
 
 # ---------------------------------------------------------------------------- failures
@@ -334,7 +333,9 @@ def test_failed_job_reports_the_api_errors_and_fails_its_cases(
     (job,) = bench.batches()
     assert job.status == "failed"
     reason = "too_many_tasks: The batch input file has 3 requests; the limit is 2."
-    result.stdout.fnmatch_lines([f"llmbench batch: job {job.id} failed: 0 stored, 3 failed -- {reason}"])
+    result.stdout.fnmatch_lines(
+        [f"llmbench batch: job {job.id} failed: 0 stored, 3 failed -- {reason}"]
+    )
     result.stdout.fnmatch_lines([f"*API error: Batch API rejected job {job.id}: {reason}*"])
     result.stdout.fnmatch_lines([f"llmbench batch: job {job.id} failed validation: {reason}"])
     for c in bench.cases().values():
@@ -365,35 +366,17 @@ def test_error_lines_are_resubmitted_then_fail_the_case_with_the_api_reason(
     assert bench.stats()["chat_requests"] == 0
     result.stdout.fnmatch_lines(["llmbench batch: 1 request(s) failed in the Batch API"])
 
-    # When the same command runs again, the failed request is asked again (as live errors
-    # are), and the stored answers are not
+    # When the line would now succeed and the same command runs again
+    bench.sim.configure(batch_fail_custom_ids=[])
     again = bench.run()
-    again.assert_outcomes(passed=3, failed=1)
-    assert [b.request_counts.total for b in bench.batches()] == [4, 1, 1, 1, 1, 1]
 
-
-def test_a_line_that_fails_once_is_answered_by_the_follow_up_job(
-    make_bench: Callable[..., Bench],
-) -> None:
-    # Given a line that fails in the first job only (the simulator is healed as soon as
-    # that job has run its lines; its validation phase gives the fix time to land)
-    failing = key_of("test_bench.py::test_q[q2-t0]", items(4)[2]["question"])
-    bench = make_bench(4, batch_fail_custom_ids=[failing], batch_validating_seconds=0.3)
-    bench.suite(4)
-
-    def heal() -> None:
-        wait_for(lambda: bench.stats()["batch_lines_processed"] >= 4, "the first job's lines")
-        bench.sim.configure(batch_fail_custom_ids=[])
-
-    healer = threading.Thread(target=heal)
-    healer.start()
-    result = bench.run()
-    healer.join()
-
-    # Then the follow-up job answered it and every case passes
-    result.assert_outcomes(passed=4)
-    assert [b.request_counts.total for b in bench.batches()] == [4, 1]
-    assert bench.stored_by_batch() == {bench.batches()[0].id: 3, bench.batches()[1].id: 1}
+    # Then only the failed request was asked again (a failure is not an answer; stored
+    # answers are not sent twice), and its case passes
+    again.assert_outcomes(passed=4)
+    jobs = bench.batches()
+    assert [b.request_counts.total for b in jobs] == [4, 1, 1, 1]
+    assert bench.stored_by_batch() == {jobs[0].id: 3, jobs[3].id: 1}
+    assert bench.stats()["chat_requests"] == 0
 
 
 def test_fallback_live_calls_the_api_for_failed_lines(make_bench: Callable[..., Bench]) -> None:
@@ -406,32 +389,69 @@ def test_fallback_live_calls_the_api_for_failed_lines(make_bench: Callable[..., 
 
     # Then no follow-up job: that one request was sent live during the run, and passed
     result.assert_outcomes(passed=3)
-    assert bench.stats()["batches_created"] == 1
+    (job,) = bench.batches()
     assert bench.stats()["chat_requests"] == 1
     result.stdout.fnmatch_lines(["llmbench batch: 1 request(s) failed in the Batch API; left to*"])
-    assert bench.stored_by_batch() == {bench.batches()[0].id: 2, None: 1}
+    assert bench.stored_by_batch() == {job.id: 2, None: 1}
 
 
 def test_expired_job_keeps_partial_results_and_resubmits_the_rest(
     make_bench: Callable[..., Bench],
 ) -> None:
-    # Given a job of 5 lines at 2 lines/s that expires 2 s after creation
-    bench = make_bench(5, batch_requests_per_second=2.0, batch_expire_after=2.0)
-    bench.suite(5)
+    # Given a job of 4 lines at 4 lines/s that expires 1 s after creation (about 3 lines
+    # finish in time; a follow-up job of the rest needs at most 0.85 s)
+    bench = make_bench(4, batch_requests_per_second=4.0, batch_expire_after=1.0)
+    bench.suite(4)
 
     result = bench.run()
 
     # Then the finished lines were kept and only the rest went into a follow-up job
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=4)
     first, second = bench.batches()
     assert first.status == "expired" and second.status == "completed"
     done = first.request_counts.completed
-    assert 1 <= done < 5
-    assert second.request_counts.total == 5 - done
-    assert bench.stored_by_batch() == {first.id: done, second.id: 5 - done}
+    assert 1 <= done < 4
+    assert second.request_counts.total == 4 - done
+    assert bench.stored_by_batch() == {first.id: done, second.id: 4 - done}
     result.stdout.fnmatch_lines(
-        [f"llmbench batch: job {first.id} expired: {done} stored, {5 - done} to resubmit"]
+        [f"llmbench batch: job {first.id} expired: {done} stored, {4 - done} to resubmit"]
     )
+
+
+def test_cancelled_job_says_so_and_keeps_the_lines_it_finished(
+    make_bench: Callable[..., Bench],
+) -> None:
+    # Given a job of 6 lines at 4 lines/s that someone cancels once a line has finished
+    bench = make_bench(6, batch_requests_per_second=4.0, batch_cancelling_seconds=0.05)
+    bench.suite(6)
+
+    def cancel_when_started() -> None:
+        def started() -> Any:
+            jobs = bench.batches()
+            return jobs and jobs[0].request_counts.completed >= 1 and jobs[0]
+
+        job = wait_for(started, "a job with a finished line")
+        bench.api.batches.cancel(job.id)
+
+    canceller = threading.Thread(target=cancel_when_started)
+    canceller.start()
+    result = bench.run()
+    canceller.join()
+
+    # Then the run says the job was cancelled, keeps what finished, and fails the rest
+    # with that reason (no resubmission, no live call)
+    (job,) = bench.batches()
+    assert job.status == "cancelled"
+    done = job.request_counts.completed
+    assert 1 <= done < 6
+    assert bench.stored_by_batch() == {job.id: done}
+    result.assert_outcomes(passed=done, failed=6 - done)
+    result.stdout.fnmatch_lines([f"llmbench batch: job {job.id} was cancelled (not by *"])
+    failed = [c for c in bench.cases().values() if c["outcome"] != "passed"]
+    assert {c["error"] for c in failed} == {
+        f"Batch API job {job.id} was cancelled before this request ran"
+    }
+    assert bench.stats()["chat_requests"] == 0
 
 
 # ---------------------------------------------------------------------------- resuming
@@ -440,9 +460,9 @@ def test_expired_job_keeps_partial_results_and_resubmits_the_rest(
 def test_kill_during_polling_then_rerun_resumes_the_same_job(
     make_bench: Callable[..., Bench], tmp_path: Path
 ) -> None:
-    # Given a job that takes about 2 s (8 lines at 4 lines/s)
-    bench = make_bench(8, batch_requests_per_second=4.0)
-    bench.suite(8)
+    # Given a job that takes about 1.5 s (6 lines at 4 lines/s)
+    bench = make_bench(6, batch_requests_per_second=4.0)
+    bench.suite(6)
     log = tmp_path / "killed.log"
 
     # When pytest is killed (SIGKILL, its whole process group) once the job is saved
@@ -468,10 +488,10 @@ def test_kill_during_polling_then_rerun_resumes_the_same_job(
 
     # Then it resumed that job: one upload, one job, every result stored
     result.stdout.fnmatch_lines([f"llmbench batch: resuming job(s) {saved['batch_id']}"])
-    result.assert_outcomes(passed=8)
+    result.assert_outcomes(passed=6)
     stats = bench.stats()
     assert (stats["files_uploaded"], stats["batches_created"], stats["chat_requests"]) == (1, 1, 0)
-    assert bench.stored_by_batch() == {saved["batch_id"]: 8}
+    assert bench.stored_by_batch() == {saved["batch_id"]: 6}
 
 
 def test_timeout_exits_non_zero_and_the_next_run_resumes(
@@ -550,13 +570,13 @@ def test_outcomes_at_temperature_zero_equal_real_time_mode(
 
     # When the suite runs in real time, then through the Batch API (own run directories)
     live = bench.pytester.runpytest(
-        "-p", "no:randomly", "--llm-base-url", bench.sim.base_url,
-        "--llm-run-dir", "live", "--llm-report", "live.json",
+        *("-p", "no:randomly", "--llm-base-url", bench.sim.base_url, "--llm-no-prefetch"),
+        *("--llm-run-dir", "live", "--llm-report", "live.json"),
     )
     batch = bench.run("--llm-run-dir", "batch", report="batch.json")
 
     # Then every case at T=0 has the same outcome and answer in both modes
-    assert bench.report("live.json")["run"]["mode"] in ("live", "prefetch")
+    assert bench.report("live.json")["run"]["mode"] == "live"
     assert bench.report("batch.json")["run"]["mode"] == "batch"
     pick = lambda name: {  # noqa: E731
         n: (c["outcome"], c["response"])

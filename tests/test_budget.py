@@ -9,6 +9,7 @@ tests start a real ``redis-server`` on loopback and are skipped when it is not i
 from __future__ import annotations
 
 import asyncio
+import copy
 import heapq
 import json
 import math
@@ -104,7 +105,7 @@ def test_snapshot_from_headers_reads_every_field_case_insensitively() -> None:
             "content-type": "application/json",
         }
     )
-    assert snap == RateLimitSnapshot(10000, 9999, pytest.approx(0.006), 2000000, 1999950, 60.5)
+    assert snap == RateLimitSnapshot(10000, 9999, 0.006, 2000000, 1999950, 60.5)
 
 
 def test_snapshot_from_missing_or_garbage_headers_is_all_none() -> None:
@@ -197,7 +198,7 @@ def test_a_reservation_above_the_burst_waits_but_never_deadlocks() -> None:
 
 def test_a_reservation_above_the_minute_limit_raises_and_changes_nothing() -> None:
     budget = MemoryBudget(tpm=1000, clock=FakeClock())
-    before = BudgetState(**budget.state.to_fields())
+    before = copy.deepcopy(budget.state)
     with pytest.raises(BudgetError, match="1001 tokens can never fit the limit of 1000"):
         budget.reserve(1001)
     assert budget.state == before
@@ -610,7 +611,7 @@ def test_corrected_token_reservations_admit_more(tmp_path: Path) -> None:
         estimated = [w.result() for w in plain]
 
     def steady_rate(results: list[dict[str, Any]]) -> float:
-        times = sorted(t for r in results for t in r["admitted"])
+        times: list[float] = sorted(t for r in results for t in r["admitted"])
         return sum(t >= times[0] + 1 for t in times) / 2.0
 
     # Then the corrected pool runs at ~1200/100 = 12/s, the other at ~1200/150 = 8/s
@@ -642,16 +643,17 @@ def test_a_process_killed_mid_operation_leaves_a_usable_state(tmp_path: Path) ->
 
 
 def test_a_process_killed_after_reserving_costs_only_its_reservation(backend: str) -> None:
-    # Given a dead process that reserved 15 requests of a 600 RPM (10/s, burst 10) budget
+    # Given a process that reserved 15 requests of a 60 RPM budget (1/s, burst 1) and died
     key = f"m-{uuid.uuid4().hex}"
-    with workers(1, "reserve", backend, key, "--rpm", "600", "--count", "15") as (w,):
-        assert json.loads(w.line())["reserved"][-1] == pytest.approx(0.5, abs=0.05)
+    with workers(1, "reserve", backend, key, "--rpm", "60", "--count", "15") as (w,):
+        assert 10 < json.loads(w.line())["reserved"][-1] <= 14  # 14 s of debt, minus refill
         w.kill()
-    # Then a survivor waits for that debt to refill (at most 15 / 10 s), not longer
+    # Then a survivor waits for that debt to refill (at most 15 s) plus its own slot, and
+    # nothing else: no lock, no lease is left behind
     url, run_dir = (None, Path(backend[5:])) if backend.startswith("file:") else (backend, ROOT)
-    survivor = open_budget(url, run_dir=run_dir, key=key, rpm=600, tpm=None)
+    survivor = open_budget(url, run_dir=run_dir, key=key, rpm=60, tpm=None)
     try:
-        assert 0.0 < survivor.reserve(0) <= 1.5 + 0.1
+        assert 10 < survivor.reserve(0) <= 15
     finally:
         survivor.close()
 

@@ -59,6 +59,15 @@ def safe_name(key: str) -> str:
     return cleaned
 
 
+def _file_lock(path: Path, timeout: float) -> FileLock:
+    try:
+        # filelock 4 would silently degrade to a soft lock where flock is missing, and a
+        # soft lock's marker file outlives a killed holder: fail loudly instead
+        return FileLock(path, timeout=timeout, thread_local=False, fallback_to_soft=False)
+    except TypeError:  # filelock 3 has no soft fallback (it raises), nor the flag
+        return FileLock(path, timeout=timeout, thread_local=False)
+
+
 class FileBudget(BaseBudget):
     """A requests + tokens bucket shared by every process that opens the same ``path``."""
 
@@ -86,13 +95,8 @@ class FileBudget(BaseBudget):
             raise BudgetError(
                 f"cannot create the budget directory {self.path.parent}: {exc}"
             ) from None
-        self._flock = FileLock(
-            self.lock_path,
-            timeout=lock_timeout,
-            poll_interval=poll_interval,
-            thread_local=False,
-            fallback_to_soft=False,
-        )
+        self._poll_interval = poll_interval
+        self._flock = _file_lock(self.lock_path, lock_timeout)
         # threads of one process queue here (blocking, FIFO-ish) instead of polling flock
         self._thread_lock = threading.Lock()
 
@@ -153,13 +157,13 @@ class FileBudget(BaseBudget):
     def _locked(self) -> Iterator[None]:
         with self._thread_lock:
             try:
-                self._flock.acquire()
+                self._flock.acquire(poll_interval=self._poll_interval)
             except Timeout:
                 raise BudgetError(
                     f"could not lock the budget {self.lock_path} within {self._lock_timeout:g} s"
                     " (is a process holding it stopped?)"
                 ) from None
-            except OSError as exc:
+            except (OSError, NotImplementedError) as exc:  # e.g. no flock on this filesystem
                 raise BudgetError(f"cannot lock the budget {self.lock_path}: {exc}") from None
             try:
                 yield

@@ -1,0 +1,232 @@
+"""Throughput against the rate limit: prefetch vs. per-test calls, and replay overhead.
+
+    python benchmarks/throughput.py            # the full table (several minutes)
+    python benchmarks/throughput.py --quick    # 10x smaller, for a smoke check
+
+Part 1: a generated suite of 2,000 cases; the simulator enforces 3,000 requests per minute
+(50 per second, paced per second) with lognormal latency of mean 0.5 s. Four ways to run
+it, side by side in one run: prefetch with -n 8 and with -n 0, no prefetch with -n 8, and
+sequential (-n 0, no prefetch) on a 200-case subset, scaled. For each: wall time,
+achieved requests per second / limit, 429s, requests lost, speed-up over sequential.
+
+Part 2: a replay-only run of 30,000 cases (every response stored) against a plain pytest
+run of 30,000 trivial parametrized tests: wall-time ratio and peak memory of both.
+
+All figures are ratios measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_llmbench.sim import SimConfig, Simulator
+
+FAKE_KEY = "sk-test-fake-key-benchmark-0000"
+SUITE = """
+import pytest
+
+@pytest.mark.llmbench(dataset="data.jsonl", temperatures=[0.0, 1.0], id="qid")
+def test_bench(case, llm):
+    r = llm.generate_response(case["question"], max_tokens=8)
+    assert r.text == case["answer"]
+"""
+TRIVIAL = """
+import pytest
+
+@pytest.mark.parametrize("i", range({n}))
+def test_plain(i):
+    assert i >= 0
+"""
+
+
+def make_suite(root: Path, items: int) -> list[dict[str, Any]]:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"qid": f"q{i:05d}", "question": f"Benchmark question {i}?", "answer": f"A{i}"}
+        for i in range(items)
+    ]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "test_bench.py").write_text(SUITE)
+    (root / "pytest.ini").write_text("[pytest]\n")
+    return rows
+
+
+def run_pytest(root: Path, args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Run pytest in a child; returns (wall seconds, peak RSS in MiB of the largest
+    process, output)."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "sys.stdout.write(p.stdout[-4000:] + p.stderr[-2000:])\n"
+        "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, sys.executable, "-m", "pytest", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    out = proc.stdout
+    rss_kib = int(out.rsplit("MAXRSS", 1)[1].split()[0]) if "MAXRSS" in out else 0
+    return wall, rss_kib // 1024, out
+
+
+def scenario(
+    sim: Simulator, root: Path, name: str, args: list[str], cases: int, env: dict[str, str]
+) -> dict[str, Any]:
+    sim.reset_stats()
+    run_dir = root / f".run-{name}"
+    report = root / f"report-{name}.json"
+    wall, _, out = run_pytest(
+        root,
+        [
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--llm-run-dir",
+            str(run_dir),
+            "--llm-report",
+            str(report),
+            *args,
+        ],
+        env,
+    )
+    stats = sim.stats()
+    data = json.loads(report.read_text()) if report.exists() else {}
+    reported = data.get("cases", [])
+    lost = cases - sum(1 for c in reported if c["outcome"] in ("passed", "failed"))
+    pre = data.get("run", {}).get("prefetch") or {}
+    return {
+        "name": name,
+        "cases": cases,
+        "wall": wall,
+        "answered": stats["chat_answered"],
+        "429": stats["rate_limit_429"],
+        "requests": stats["chat_requests"],
+        "duplicates": stats["duplicate_bodies"],
+        "lost": lost,
+        "plan_s": pre.get("plan_s"),
+        "fetch_s": pre.get("fetch_s"),
+        "tail": "" if report.exists() else out[-1500:],
+    }
+
+
+def part1(quick: bool) -> list[dict[str, Any]]:
+    items = 100 if quick else 1000  # x 2 temperatures = cases
+    seq_items = 10 if quick else 100
+    limit_rps = 50.0
+    with tempfile.TemporaryDirectory(prefix="llmbench-bench-") as tmp:
+        root = Path(tmp)
+        rows = make_suite(root, items)
+        key = [{"question": r["question"], "correct": r["answer"], "wrong": ["x"]} for r in rows]
+        config = SimConfig(
+            rpm=int(limit_rps * 60),
+            latency={"kind": "lognormal", "mean": 0.5, "sigma": 0.5},
+            answer_key=key,
+        )
+        with Simulator(config, port=0) as sim:
+            env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY, "LLMBENCH_BASE_URL": sim.base_url}
+            results = [
+                scenario(sim, root, "prefetch -n 8", ["-n", "8"], 2 * items, env),
+                scenario(sim, root, "prefetch -n 0", ["-n", "0"], 2 * items, env),
+                scenario(
+                    sim, root, "no prefetch -n 8", ["-n", "8", "--llm-no-prefetch"], 2 * items, env
+                ),
+                scenario(
+                    sim,
+                    root,
+                    "sequential (subset)",
+                    ["-n", "0", "--llm-no-prefetch", "--llm-limit", str(seq_items)],
+                    2 * seq_items,
+                    env,
+                ),
+            ]
+    seq = results[-1]
+    seq_rate = seq["answered"] / seq["wall"]
+    print(
+        f"\nPart 1: {2 * items} cases, limit {limit_rps:.0f} requests/s (3,000 RPM), "
+        "lognormal latency mean 0.5 s"
+    )
+    head = (
+        f"{'mode':22} {'cases':>6} {'wall s':>7} {'req/s':>6} {'/limit':>6} "
+        f"{'fetch/limit':>11} {'429s':>5} {'429 %':>6} {'lost':>4} {'dup':>4} "
+        f"{'plan % wall':>11} {'speed-up':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        rate = r["answered"] / r["wall"]
+        fetch = (
+            f"{r['answered'] / r['fetch_s'] / limit_rps:11.2f}" if r["fetch_s"] else f"{'-':>11}"
+        )
+        plan = f"{100 * r['plan_s'] / r['wall']:10.1f}%" if r["plan_s"] else f"{'-':>11}"
+        refused = 100 * r["429"] / max(1, r["requests"])
+        print(
+            f"{r['name']:22} {r['cases']:6d} {r['wall']:7.1f} {rate:6.1f} "
+            f"{rate / limit_rps:6.2f} {fetch} {r['429']:5d} {refused:5.2f}% {r['lost']:4d} "
+            f"{r['duplicates']:4d} {plan} {rate / seq_rate:7.1f}x"
+        )
+        if r["tail"]:
+            print("   (no report)", r["tail"])
+    print("sequential is scaled: its requests/s is taken over its own subset")
+    return results
+
+
+def part2(quick: bool) -> None:
+    n = 3000 if quick else 30000
+    with tempfile.TemporaryDirectory(prefix="llmbench-replay-") as tmp:
+        root = Path(tmp)
+        rows = make_suite(root / "suite", n // 2)
+        key = [{"question": r["question"], "correct": r["answer"], "wrong": ["x"]} for r in rows]
+        plain = root / "plain"
+        plain.mkdir()
+        (plain / "test_plain.py").write_text(TRIVIAL.format(n=n))
+        (plain / "pytest.ini").write_text("[pytest]\n")
+        with Simulator(SimConfig(answer_key=key), port=0) as sim:
+            env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY, "LLMBENCH_BASE_URL": sim.base_url}
+            # fill the store (not measured)
+            fill, _, out = run_pytest(
+                root / "suite", ["-q", "-p", "no:cacheprovider", "--llm-concurrency", "128"], env
+            )
+            assert sim.stats()["chat_answered"] == n, out[-2000:]
+            sim.reset_stats()
+            replay, replay_rss, _ = run_pytest(
+                root / "suite", ["-q", "-p", "no:cacheprovider"], env
+            )
+            assert sim.stats()["chat_requests"] == 0, "the replay sent requests"
+        base, base_rss, _ = run_pytest(plain, ["-q", "-p", "no:cacheprovider"], env)
+    print(f"\nPart 2: replay-only run of {n} stored cases vs plain pytest of {n} trivial tests")
+    print(f"{'run':28} {'wall s':>7} {'peak RSS MiB':>12}")
+    print(f"{'plain parametrized tests':28} {base:7.1f} {base_rss:12d}")
+    print(f"{'llmbench replay (-n 0)':28} {replay:7.1f} {replay_rss:12d}")
+    print(
+        f"replay / plain wall time: {replay / base:.2f}x (goal <= 1.5x); "
+        f"memory ratio {replay_rss / max(1, base_rss):.2f}x; (store fill took {fill:.1f}s)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10x smaller")
+    parser.add_argument("--part", choices=["1", "2", "all"], default="all")
+    args = parser.parse_args()
+    if args.part in ("1", "all"):
+        part1(args.quick)
+    if args.part in ("2", "all"):
+        part2(args.quick)
+
+
+if __name__ == "__main__":
+    main()
