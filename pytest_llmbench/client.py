@@ -14,9 +14,9 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt
 
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
     from .store import ResponseStore, StoredResponse
 
+T = TypeVar("T")
+R = TypeVar("R")
 ENDPOINT = "/v1/chat/completions"
 #: saved with a prefetched answer: how many attempts and 429s it took to get it
 ATTEMPTS_HEADER = "x-llmbench-attempts"
@@ -626,9 +628,24 @@ class _Shared:
                     return exc
 
         try:
-            return list(await asyncio.gather(*(one(b) for b in bodies)))
+            return await self.slow_start(bodies, one)
         finally:
             await aclient.close()
+
+    async def slow_start(self, items: Sequence[T], one: Callable[[T], Awaitable[R]]) -> list[R]:
+        """Run ``one`` over ``items`` concurrently, keeping order.
+
+        With no limits configured, the first request goes alone: the budget learns the
+        account's limits from its ``x-ratelimit-*`` headers before the rest are paced,
+        instead of a first unpaced wave meeting a wall of 429s.
+        """
+        if not items:
+            return []
+        if self.config.rpm is None and self.config.tpm is None:
+            first = await one(items[0])
+            rest = await asyncio.gather(*(one(i) for i in items[1:]))
+            return [first, *rest]
+        return list(await asyncio.gather(*(one(i) for i in items)))
 
 
 def _final(exc: BaseException, model: str, attempts: int) -> LLMCallError:

@@ -12,10 +12,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+# httpcore2 and vcr (with yaml) are imported here, before any in-process pytester run,
+# which would import them afresh and drop them afterwards: libyaml cannot be imported
+# twice, and httpx2 maps the exceptions of the first httpcore2 it saw (a later copy's
+# timeouts would escape unmapped and break other tests of this process).
+import httpcore2  # noqa: F401
 import httpx2
 import openai
 import pytest
-import vcr  # imported here, before any in-process run: libyaml cannot be imported twice
+import vcr
 
 from pytest_llmbench.cassettes import cassette_name, cassette_path
 from pytest_llmbench.sim import AnswerItem, SimConfig, Simulator
