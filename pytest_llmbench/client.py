@@ -344,8 +344,10 @@ class LLMClient:
             replace=ctx.fresh_since is not None,
         )
 
+    def _saver(self, key: str | None, body: dict[str, Any]) -> OnAnswer:
+        return lambda raw: self._save(key, body, raw)
+
     def _finish(self, key: str | None, body: dict[str, Any], raw: _RawAnswer) -> Response:
-        self._save(key, body, raw)
         response = Response.from_body(
             raw.body,
             request=body,
@@ -375,7 +377,8 @@ class LLMClient:
             self._notify(cached)
             return cached
         self._maybe_record([(key, body)])
-        return self._finish(key, body, self._shared.send(body, self.stats))
+        raw = self._shared.send(body, self.stats, on_answer=self._saver(key, body))
+        return self._finish(key, body, raw)
 
     # ----------------------------------------------------------------- async
     async def agenerate_response(self, prompt: PromptLike, **params: Any) -> Response:
@@ -387,7 +390,7 @@ class LLMClient:
             self._notify(cached)
             return cached
         self._maybe_record([(key, body)])
-        raw = await self._shared.asend(body, self.stats)
+        raw = await self._shared.asend(body, self.stats, on_answer=self._saver(key, body))
         return self._finish(key, body, raw)
 
     def batch_generate(self, prompts: Iterable[PromptLike], **params: Any) -> list[Response]:
@@ -403,7 +406,10 @@ class LLMClient:
         fetched = set(missing)
         self._maybe_record([(keys[i], bodies[i]) for i in missing])
         if missing:
-            answers = asyncio.run(self._shared.gather([bodies[i] for i in missing], self.stats))
+            savers = [self._saver(keys[i], bodies[i]) for i in missing]
+            answers = asyncio.run(
+                self._shared.gather([bodies[i] for i in missing], self.stats, savers)
+            )
             for i, answer in zip(missing, answers, strict=True):
                 if isinstance(answer, LLMCallError):
                     self.stats.add(bodies[i]["model"], errors=1)
@@ -428,6 +434,9 @@ class LLMClient:
     def usage(self) -> dict[str, Usage]:
         """Tokens used so far, per model."""
         return {m: s.usage for m, s in self.stats.by_model.items()}
+
+
+OnAnswer = Callable[["_RawAnswer"], None]
 
 
 @dataclass
@@ -536,24 +545,34 @@ class _Shared:
         started: float,
         attempts: int,
         limited: int,
+        on_answer: OnAnswer | None,
     ) -> _RawAnswer:
+        latency = time.perf_counter() - started
         headers = as_mapping(raw_http.headers)
-        budget.observe(RateLimitSnapshot.from_headers(headers))
         try:
             body = json.loads(raw_http.text)
             if not isinstance(body, dict) or "choices" not in body:
                 raise ValueError("no choices")
         except ValueError as exc:
+            budget.observe(RateLimitSnapshot.from_headers(headers))
             stats.add(model, requests=1)
             raise LLMCallError(
                 f"the API answered 200 with a malformed body ({exc})", status=200, retryable=True
             ) from None
+        answer = _RawAnswer(body, headers, latency, attempts, limited)
+        if on_answer is not None:
+            # saved before any bookkeeping: the window in which a crash loses a paid-for
+            # answer is only the store's own fsync
+            on_answer(answer)
+        budget.observe(RateLimitSnapshot.from_headers(headers))
         usage = Usage.from_body(body)
         budget.correct(est, usage.total_tokens)
         stats.add(model, requests=1, calls=1, retries=attempts - 1, usage=usage)
-        return _RawAnswer(body, headers, time.perf_counter() - started, attempts, limited)
+        return answer
 
-    def send(self, body: dict[str, Any], stats: ClientStats) -> _RawAnswer:
+    def send(
+        self, body: dict[str, Any], stats: ClientStats, on_answer: OnAnswer | None = None
+    ) -> _RawAnswer:
         model = str(body["model"])
         est = estimate_tokens(body, self.config.max_tokens)
         budget = self.budget(model)
@@ -571,7 +590,15 @@ class _Shared:
                         limited += self._after_error(exc, budget, model, stats, est)
                         raise
                     return self._after_success(
-                        raw.http_response, budget, model, stats, est, started, attempts, limited
+                        raw.http_response,
+                        budget,
+                        model,
+                        stats,
+                        est,
+                        started,
+                        attempts,
+                        limited,
+                        on_answer,
                     )
         except Exception as exc:
             stats.add(model, errors=1, retries=max(0, attempts - 1))
@@ -579,7 +606,11 @@ class _Shared:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def asend(
-        self, body: dict[str, Any], stats: ClientStats, client: openai.AsyncOpenAI | None = None
+        self,
+        body: dict[str, Any],
+        stats: ClientStats,
+        client: openai.AsyncOpenAI | None = None,
+        on_answer: OnAnswer | None = None,
     ) -> _RawAnswer:
         import openai
 
@@ -601,7 +632,15 @@ class _Shared:
                         limited += self._after_error(exc, budget, model, stats, est)
                         raise
                     return self._after_success(
-                        raw.http_response, budget, model, stats, est, started, attempts, limited
+                        raw.http_response,
+                        budget,
+                        model,
+                        stats,
+                        est,
+                        started,
+                        attempts,
+                        limited,
+                        on_answer,
                     )
         except Exception as exc:
             stats.add(model, errors=1, retries=max(0, attempts - 1))
@@ -612,23 +651,29 @@ class _Shared:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def gather(
-        self, bodies: Sequence[dict[str, Any]], stats: ClientStats
+        self,
+        bodies: Sequence[dict[str, Any]],
+        stats: ClientStats,
+        savers: Sequence[OnAnswer | None] | None = None,
     ) -> list[_RawAnswer | LLMCallError]:
-        """Send many bodies concurrently, bounded by ``max_concurrency``; order kept."""
+        """Send many bodies concurrently, bounded by ``max_concurrency``; order kept.
+
+        ``savers[i]`` is called with answer ``i`` the moment it arrives."""
         import openai
 
         gate = asyncio.Semaphore(self.config.max_concurrency)
         aclient = openai.AsyncOpenAI(**self._client_kwargs())
+        hooks = list(savers) if savers is not None else [None] * len(bodies)
 
-        async def one(body: dict[str, Any]) -> _RawAnswer | LLMCallError:
+        async def one(i: int) -> _RawAnswer | LLMCallError:
             async with gate:
                 try:
-                    return await self.asend(body, stats, aclient)
+                    return await self.asend(bodies[i], stats, aclient, hooks[i])
                 except LLMCallError as exc:
                     return exc
 
         try:
-            return await self.slow_start(bodies, one)
+            return await self.slow_start(list(range(len(bodies))), one)
         finally:
             await aclient.close()
 

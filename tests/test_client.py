@@ -133,7 +133,7 @@ def test_transient_faults_are_retried(client: LLMClient, sim: Simulator, fault: 
 
 def test_hung_request_times_out_and_is_retried(sim: Simulator, tmp_path: Path) -> None:
     sim.configure(script=["hang"], hang_seconds=30)
-    with make_client(sim, tmp_path, timeout=0.5) as c:
+    with make_client(sim, tmp_path, timeout=2.0) as c:
         r = c.generate_response("hello")
     assert r.ok and r.attempts == 2
     assert sim.stats()["chat_answered"] == 1

@@ -22,4 +22,4 @@ def test_quick_start_commands() -> None:
     assert "pip install -e . && pytest -n 8 example_suites --llm-sim" in text
     assert 'pip install -e ".[test]" && pytest' in text
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
-    assert 'pip install -q -e ".[test]" && pytest' in ci
+    assert 'pip install -e ".[test]" && pytest' in ci
