@@ -14,6 +14,7 @@ how soon the pool stops being refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import sys
 import tempfile
@@ -29,13 +30,20 @@ from pytest_llmbench.sim import LatencyConfig, SimConfig, Simulator  # noqa: E40
 FAKE_KEY = "sk-test-fake-key-benchmark-0000"
 
 
-def _worker(base_url: str, rpm: int, budget_url: str | None, run_dir: str, seconds: float,
-            barrier: Any) -> None:
+def _worker(
+    base_url: str, rpm: int, budget_url: str | None, run_dir: str, seconds: float, barrier: Any
+) -> None:
     from pytest_llmbench import LLMCallError, LLMClient, LLMConfig
 
     config = LLMConfig.model_validate(
-        {"api_key": FAKE_KEY, "base_url": base_url, "rpm": rpm, "run_dir": run_dir,
-         "budget_url": budget_url, "max_tokens": 16}
+        {
+            "api_key": FAKE_KEY,
+            "base_url": base_url,
+            "rpm": rpm,
+            "run_dir": run_dir,
+            "budget_url": budget_url,
+            "max_tokens": 16,
+        }
     )
     with LLMClient(config) as client:
         barrier.wait()
@@ -43,22 +51,24 @@ def _worker(base_url: str, rpm: int, budget_url: str | None, run_dir: str, secon
         i = 0
         while time.time() < deadline:
             i += 1
-            try:
+            with contextlib.suppress(LLMCallError):
                 client.generate_response(f"budget benchmark call {i}", temperature=0)
-            except LLMCallError:
-                pass
 
 
-def run(rpm_client: int, rpm_server: int, budget_url: str | None, procs: int,
-        seconds: float) -> dict[str, Any]:
+def run(
+    rpm_client: int, rpm_server: int, budget_url: str | None, procs: int, seconds: float
+) -> dict[str, Any]:
     latency = LatencyConfig(kind="uniform", low=0.05, high=0.3)
-    with Simulator(SimConfig(rpm=rpm_server, latency=latency), port=0) as sim, \
-            tempfile.TemporaryDirectory() as tmp:
+    with (
+        Simulator(SimConfig(rpm=rpm_server, latency=latency), port=0) as sim,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         ctx = mp.get_context("spawn")
         barrier = ctx.Barrier(procs + 1)
         ps = [
-            ctx.Process(target=_worker,
-                        args=(sim.base_url, rpm_client, budget_url, tmp, seconds, barrier))
+            ctx.Process(
+                target=_worker, args=(sim.base_url, rpm_client, budget_url, tmp, seconds, barrier)
+            )
             for _ in range(procs)
         ]
         for p in ps:
@@ -105,14 +115,20 @@ def main() -> None:
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
-    print(f"\n{args.procs} processes, clients configured for {args.rpm} RPM, "
-          f"{args.seconds:.0f} s per run, latency uniform 0.05-0.3 s")
-    print(f"{'budget':8} {'server RPM':>10} {'steady/min':>10} {'/server limit':>13} "
-          f"{'answered':>8} {'429s':>5} {'429 share':>9}")
+    print(
+        f"\n{args.procs} processes, clients configured for {args.rpm} RPM, "
+        f"{args.seconds:.0f} s per run, latency uniform 0.05-0.3 s"
+    )
+    print(
+        f"{'budget':8} {'server RPM':>10} {'steady/min':>10} {'/server limit':>13} "
+        f"{'answered':>8} {'429s':>5} {'429 share':>9}"
+    )
     for label, server_rpm, r in rows:
         share = 100 * r["429"] / max(1, r["requests"])
-        print(f"{label:8} {server_rpm:10d} {r['steady_per_min']:10.0f} "
-              f"{r['ratio_server']:13.3f} {r['answered']:8d} {r['429']:5d} {share:8.2f}%")
+        print(
+            f"{label:8} {server_rpm:10d} {r['steady_per_min']:10.0f} "
+            f"{r['ratio_server']:13.3f} {r['answered']:8d} {r['429']:5d} {share:8.2f}%"
+        )
     if url is None:
         print("redis-server not on PATH: the Redis rows were skipped")
 
