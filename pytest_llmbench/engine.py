@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 SPOOL_ENV = "PYTEST_LLMBENCH_SPOOL"
 SHARED_ENV = "PYTEST_LLMBENCH_SHARED"
 ONLY_ENV = "PYTEST_LLMBENCH_PLAN_ONLY"
+#: exit statuses of a plan run that mean "planned": tests failing or none selected is fine
+PLAN_OK = (0, 1, 5)
 
 
 @dataclass(frozen=True)
@@ -85,32 +87,15 @@ def plan_filter(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytes
 
 
 def read_spool(path: Path) -> list[PlannedRequest]:
-    """Planned requests, deduplicated by key, in the order they were recorded."""
-    seen: dict[str, PlannedRequest] = {}
-    if not path.exists():
-        return []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a torn line of a killed plan run; that test is simply not prefetched
-        key = row["key"]
-        if key not in seen:
-            seen[key] = PlannedRequest(
-                key, row.get("nodeid", ""), row.get("ordinal", 0), row["endpoint"], row["body"]
-            )
-    return list(seen.values())
+    """Planned requests, deduplicated by key, in the order they were recorded (a torn
+    last line of a killed plan run is skipped: that test is simply not prefetched)."""
+    return SpoolReader(path).read_new()
 
 
-def run_plan(
-    config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None = None
-) -> tuple[list[PlannedRequest], float]:
-    """Run the plan subprocess; returns the planned requests and the seconds it took.
-
-    ``only`` limits planning to those node ids (the rest of the selection is deselected
-    in the subprocess), so a resumed run plans only what has no answer yet.
-    """
-    started = time.perf_counter()
+def _plan_command(
+    config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None
+) -> tuple[list[str], dict[str, str], Path, Path]:
+    """The plan subprocess's command line and environment, its spool file and its log."""
     spool = workdir / "plan.jsonl"
     spool.unlink(missing_ok=True)
     only_file = workdir / "plan-only.json"
@@ -146,10 +131,37 @@ def run_plan(
     if only is not None:
         env[ONLY_ENV] = str(only_file)
     env[SHARED_ENV] = json.dumps(state.shared_for_children())
-    log = workdir / "plan.log"
+    return [sys.executable, "-m", "pytest", *args, *extra], env, spool, workdir / "plan.log"
+
+
+def _plan_failed(config: pytest.Config, state: RunState, log: Path, status: int) -> None:
+    # collection errors, usage errors...: the real session reports them itself
+    from .store import ensure_run_dir
+
+    kept = ensure_run_dir(state.llm_config.run_dir) / "plan.log"
+    shutil.copyfile(log, kept)
+    tr: Any = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(
+            f"llmbench: planning exited with status {status}; the rest runs without "
+            f"prefetch (log: {kept})",
+            yellow=True,
+        )
+
+
+def run_plan(
+    config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None = None
+) -> tuple[list[PlannedRequest], float]:
+    """Run the plan subprocess; returns the planned requests and the seconds it took.
+
+    ``only`` limits planning to those node ids (the rest of the selection is deselected
+    in the subprocess), so a resumed run plans only what has no answer yet.
+    """
+    started = time.perf_counter()
+    cmd, env, spool, log = _plan_command(config, state, workdir, only)
     with log.open("wb") as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", *args, *extra],
+            cmd,
             cwd=config.invocation_params.dir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -158,21 +170,47 @@ def run_plan(
             check=False,
         )
     elapsed = time.perf_counter() - started
-    if proc.returncode not in (0, 1, 5):
-        # collection errors, usage errors...: the real session reports them itself
-        from .store import ensure_run_dir
-
-        kept = ensure_run_dir(state.llm_config.run_dir) / "plan.log"
-        shutil.copyfile(log, kept)
-        tr: Any = config.pluginmanager.get_plugin("terminalreporter")
-        if tr is not None:
-            tr.write_line(
-                f"llmbench: planning exited with status {proc.returncode}; running without "
-                f"prefetch (log: {kept})",
-                yellow=True,
-            )
+    if proc.returncode not in PLAN_OK:
+        _plan_failed(config, state, log, proc.returncode)
         return [], elapsed
     return read_spool(spool), elapsed
+
+
+class SpoolReader:
+    """Reads the spool while the plan subprocess still writes it: complete lines only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.seen: set[str] = set()
+
+    def read_new(self) -> list[PlannedRequest]:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line being written waits for the next read
+        self.offset += end
+        out = []
+        for line in chunk[:end].decode("utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row["key"] not in self.seen:
+                self.seen.add(row["key"])
+                out.append(
+                    PlannedRequest(
+                        row["key"],
+                        row.get("nodeid", ""),
+                        row.get("ordinal", 0),
+                        row["endpoint"],
+                        row["body"],
+                    )
+                )
+        return out
 
 
 def _cache_dir(config: pytest.Config) -> Path | None:
@@ -251,12 +289,14 @@ def maybe_prefetch(config: pytest.Config, state: RunState, nodeids: list[str] | 
     try:
         if state.llm_config.batch.enabled:
             _batch_rounds(config, state, workdir)
-        else:
+        elif state.record_mode is not None:
+            # cassettes load the planned cases' files up front: plan first, then fetch
             planned, plan_s = run_plan(config, state, workdir, only)
             if planned:
                 state.check_credentials()
-                state.mode = "prefetch"
                 fetch_live(config, state, planned, plan_s)
+        else:
+            stream_prefetch(config, state, workdir, only)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -355,6 +395,24 @@ def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None
     meta["notes"] = notes
 
 
+def _summarise(state: RunState, progress: Any, planned: int, plan_s: float, wall: float) -> None:
+    rate = progress.done / wall if wall > 0 else 0.0
+    state.mode = "prefetch"
+    state.summary_notes.append(
+        f"llmbench prefetch: planned {planned} request(s) in {plan_s:.1f}s, fetched "
+        f"{progress.done} in {wall:.1f}s ({rate:.1f}/s), {progress.failed} failed "
+        f"(retried live in the run), 429s {progress.rate_limited}, retries {progress.retries}"
+    )
+    state.report_meta["prefetch"] = {
+        "planned": planned,
+        "fetched": progress.done,
+        "failed": progress.failed,
+        "plan_s": round(plan_s, 3),
+        "fetch_s": round(wall, 3),
+        "rate_limited": progress.rate_limited,
+    }
+
+
 def fetch_live(
     config: pytest.Config, state: RunState, planned: list[PlannedRequest], plan_s: float
 ) -> None:
@@ -368,53 +426,28 @@ def fetch_live(
     started = time.perf_counter()
     asyncio.run(_fetch_all(state, todo, progress))
     progress.finish()
-    wall = time.perf_counter() - started
-    rate = progress.done / wall if wall > 0 else 0.0
-    state.summary_notes.append(
-        f"llmbench prefetch: planned {len(planned)} request(s) in {plan_s:.1f}s, fetched "
-        f"{progress.done} in {wall:.1f}s ({rate:.1f}/s), {progress.failed} failed "
-        f"(retried live in the run), 429s {progress.rate_limited}, retries {progress.retries}"
-    )
-    state.report_meta.update(
-        {
-            "prefetch": {
-                "planned": len(planned),
-                "fetched": progress.done,
-                "failed": progress.failed,
-                "plan_s": round(plan_s, 3),
-                "fetch_s": round(wall, 3),
-                "rate_limited": progress.rate_limited,
-            }
-        }
-    )
+    _summarise(state, progress, len(planned), plan_s, time.perf_counter() - started)
 
 
-async def _fetch_all(state: RunState, todo: Iterable[PlannedRequest], progress: Any) -> None:
-    import asyncio
+class _Fetcher:
+    """Sends planned requests through the client's one call path, saving each answer."""
 
-    import openai
+    def __init__(self, state: RunState, progress: Any) -> None:
+        import asyncio
 
-    from .cassettes import case_scope, fetch_cassette
-    from .client import ATTEMPTS_HEADER, LIMITED_HEADER
-    from .errors import LLMCallError
+        import openai
 
-    shared = state.client._shared
-    stats = state.client.stats
-    store = state.store
-    todo = list(todo)
-    gate = asyncio.Semaphore(state.llm_config.max_concurrency)
-    aclient = openai.AsyncOpenAI(**shared._client_kwargs())
+        self.state = state
+        self.progress = progress
+        self.shared = state.client._shared
+        self.gate = asyncio.Semaphore(state.llm_config.max_concurrency)
+        self.aclient = openai.AsyncOpenAI(**self.shared._client_kwargs())
 
-    async def one(req: PlannedRequest) -> None:
-        async with gate:
-            try:
-                with case_scope(req.nodeid):  # files the request under its case's cassette
-                    raw = await shared.asend(req.body, stats, aclient)
-            except LLMCallError as exc:
-                progress.fail(exc)
-                return
-            await asyncio.to_thread(
-                store.put,
+    def _saver(self, req: PlannedRequest) -> Callable[[Any], None]:
+        from .client import ATTEMPTS_HEADER, LIMITED_HEADER
+
+        def save(raw: Any) -> None:
+            self.state.store.put(
                 req.key,
                 nodeid=req.nodeid,
                 ordinal=req.ordinal,
@@ -428,17 +461,135 @@ async def _fetch_all(state: RunState, todo: Iterable[PlannedRequest], progress: 
                 },
                 latency_s=raw.latency,
                 source="prefetch",
-                replace=state.fresh_since is not None,
-            )
-            progress.advance(
-                raw.attempts - 1,
-                raw.rate_limited,
-                int((raw.body.get("usage") or {}).get("total_tokens") or 0),
+                replace=self.state.fresh_since is not None,
             )
 
+        return save
+
+    async def one(self, req: PlannedRequest) -> None:
+        from .cassettes import case_scope
+        from .errors import LLMCallError
+
+        async with self.gate:
+            try:
+                with case_scope(req.nodeid):  # files the request under its case's cassette
+                    raw = await self.shared.asend(
+                        req.body, self.state.client.stats, self.aclient, self._saver(req)
+                    )
+            except LLMCallError as exc:
+                self.progress.fail(exc)
+                return
+            usage = raw.body.get("usage") or {}
+            self.progress.advance(
+                raw.attempts - 1, raw.rate_limited, int(usage.get("total_tokens") or 0)
+            )
+
+    @property
+    def slow_start(self) -> bool:
+        """Limits unknown: the first request goes alone so the budget learns them."""
+        return self.state.llm_config.rpm is None and self.state.llm_config.tpm is None
+
+    async def close(self) -> None:
+        await self.aclient.close()
+
+
+async def _fetch_all(state: RunState, todo: list[PlannedRequest], progress: Any) -> None:
+    from .cassettes import fetch_cassette
+
+    fetcher = _Fetcher(state, progress)
     try:
         # with cassettes: one in-memory cassette of all planned cases, saved split per case
         with fetch_cassette(state, [r.nodeid for r in todo]):
-            await asyncio.gather(*(one(r) for r in todo))
+            await fetcher.shared.slow_start(todo, fetcher.one)
     finally:
-        await aclient.close()
+        await fetcher.close()
+
+
+def stream_prefetch(
+    config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None
+) -> None:
+    """Plan and fetch at once: requests are sent while the plan subprocess still finds
+    more, so planning costs little more than the subprocess's start-up."""
+    import asyncio
+
+    from .progress import Progress
+
+    progress = Progress(config, "llmbench prefetch", total=0, rpm=state.llm_config.rpm)
+    progress.open_ended = True
+    started = time.perf_counter()
+    planned, plan_s, status, log = asyncio.run(_stream(config, state, workdir, only, progress))
+    if status not in PLAN_OK:
+        _plan_failed(config, state, log, status)
+    if planned:
+        progress.finish()
+        _summarise(state, progress, planned, plan_s, time.perf_counter() - started)
+
+
+async def _stream(
+    config: pytest.Config,
+    state: RunState,
+    workdir: Path,
+    only: Iterable[str] | None,
+    progress: Any,
+) -> tuple[int, float, int, Path]:
+    import asyncio
+
+    cmd, env, spool, log = _plan_command(config, state, workdir, only)
+    queue: asyncio.Queue[PlannedRequest | None] = asyncio.Queue()
+    reader = SpoolReader(spool)
+    fetcher = _Fetcher(state, progress)
+    learned = asyncio.Event()
+    if not fetcher.slow_start:
+        learned.set()
+    started = time.perf_counter()
+    plan_s = 0.0
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            cwd=config.invocation_params.dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+        async def produce() -> None:
+            nonlocal plan_s
+            checked = False
+            while True:
+                try:  # a real wait on the subprocess, woken every 50 ms to read the spool
+                    await asyncio.wait_for(proc.wait(), timeout=0.05)
+                    exited = True
+                except asyncio.TimeoutError:
+                    exited = False
+                for req in reader.read_new():
+                    if req.key in state.store and state.fresh_since is None:
+                        continue
+                    if not checked:
+                        state.check_credentials()
+                        checked = True
+                    progress.total += 1
+                    queue.put_nowait(req)
+                if exited:
+                    break
+            plan_s = time.perf_counter() - started
+            progress.open_ended = False
+            for _ in range(workers):
+                queue.put_nowait(None)
+
+        async def consume(first: bool) -> None:
+            while (req := await queue.get()) is not None:
+                if not learned.is_set() and not first:
+                    await learned.wait()
+                await fetcher.one(req)
+                learned.set()
+
+        workers = state.llm_config.max_concurrency
+        try:
+            await asyncio.gather(produce(), *(consume(i == 0) for i in range(workers)))
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await fetcher.close()
+    return progress.total, plan_s, int(proc.returncode or 0), log

@@ -28,6 +28,7 @@ class Progress:
         self.total = total
         self.rpm = rpm
         self.done = 0
+        self.open_ended = False  # more work may still be planned
         self.failed = 0
         self.retries = 0
         self.rate_limited = 0
@@ -55,10 +56,11 @@ class Progress:
         rps = finished / elapsed
         limit = f" (limit {self.rpm / 60:.0f}/s)" if self.rpm else ""
         left = self.total - finished
-        eta = f"{left / rps:.0f}s" if rps > 0 and left > 0 else "-"
+        eta = f"{left / rps:.0f}s" if rps > 0 and left > 0 and not self.open_ended else "-"
         tpm = self.tokens / elapsed * 60
         return (
-            f"{self.label}: {finished}/{self.total} ({self.failed} failed), {rps:.1f} req/s"
+            f"{self.label}: {finished}/{self.total}{'+' if self.open_ended else ''}"
+            f" ({self.failed} failed), {rps:.1f} req/s"
             f"{limit}, {tpm:,.0f} tok/min, 429s {self.rate_limited}, retries {self.retries},"
             f" ETA {eta}"
         )

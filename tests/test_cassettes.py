@@ -118,7 +118,9 @@ def test_record_then_replay_offline(
     # When the simulator is gone, the key unset, and the base URL a port that only counts
     sim.stop()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    result = pytester.runpytest("--llm-base-url", url, "--llm-report", "rep.json")
+    # (were anything sent, it would wait for an answer: bounded, so a failure is quick)
+    fail_fast = ("--llm-timeout", "5", "--llm-max-retries", "0")
+    result = pytester.runpytest("--llm-base-url", url, *fail_fast, "--llm-report", "rep.json")
 
     # Then the default mode is "none", results are identical and nothing connected
     result.stdout.fnmatch_lines(["*llmbench cassettes: replaying only (mode none)*"])
