@@ -117,7 +117,7 @@ def scenario(
         "requests": stats["chat_requests"],
         "duplicates": stats["duplicate_bodies"],
         "lost": lost,
-        "plan_s": pre.get("plan_s"),
+        "plan_s": pre.get("plan_lead_s"),
         "fetch_s": pre.get("fetch_s"),
         "tail": "" if report.exists() else out[-1500:],
     }

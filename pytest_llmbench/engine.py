@@ -404,6 +404,9 @@ def _summarise(state: RunState, progress: Any, planned: int, plan_s: float, wall
         f"(retried live in the run), 429s {progress.rate_limited}, retries {progress.retries}"
     )
     state.report_meta["prefetch"] = {
+        # with streaming, plan_s overlaps the fetch; plan_lead_s is the wait before the
+        # first request could be sent, the planning cost proper
+        "plan_lead_s": state.report_meta.pop("plan_lead_s", round(plan_s, 3)),
         "planned": planned,
         "fetched": progress.done,
         "failed": progress.failed,
@@ -568,6 +571,7 @@ async def _stream(
                     if not checked:
                         state.check_credentials()
                         checked = True
+                        state.report_meta["plan_lead_s"] = round(time.perf_counter() - started, 3)
                     progress.total += 1
                     queue.put_nowait(req)
                 if exited:

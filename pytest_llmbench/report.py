@@ -208,8 +208,9 @@ _RUN = (
     _f(
         "prefetch",
         "object",
-        "prefetch mode only: `planned`, `fetched`, `failed` requests, `plan_s`, "
-        "`fetch_s`, `rate_limited`",
+        "prefetch mode only: `planned`, `fetched`, `failed` requests, `plan_lead_s` "
+        "(seconds before the first request could be sent), `plan_s` (until planning "
+        "ended, overlapping the fetch), `fetch_s`, `rate_limited`",
         required=False,
     ),
     _f(
