@@ -19,10 +19,8 @@ from typing import Any
 
 from tenacity import RetryCallState
 
+from .budget.base import parse_duration
 from .errors import LLMCallError
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 #: Quota and billing errors: a 429 that waiting never fixes.
 QUOTA_CODES = frozenset(
@@ -30,20 +28,6 @@ QUOTA_CODES = frozenset(
 )
 #: HTTP statuses that are retried (besides timeouts and dropped connections).
 RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-
-
-def parse_duration(text: str | None) -> float | None:
-    """Parse a Go-style duration (``1s``, ``6m0s``, ``120ms``, ``2m59.56s``) to seconds."""
-    if not text:
-        return None
-    text = text.strip()
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        try:
-            return max(0.0, float(text))
-        except ValueError:
-            return None
-    return sum(float(n) * _UNIT[u] for n, u in parts)
 
 
 def retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
