@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 STATE = pytest.StashKey[RunState]()
 CASE = pytest.StashKey[CaseAccumulator]()
-PARAM_FIXTURE = "_llmbench_param"
+PARAM_FIXTURE = "case"  # the indirect parameter: (item, temperature, sample)
 MARKER_KWARGS = frozenset({"dataset", "temperatures", "id", "samples", "plan", "required"})
 
 
@@ -166,29 +166,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture
-def _llmbench_param(request: pytest.FixtureRequest) -> Any:
-    return getattr(request, "param", None)
+def _param(request: pytest.FixtureRequest) -> Any:
+    """The case's (item, temperature, sample), or None outside an llmbench suite."""
+    callspec = getattr(request.node, "callspec", None)
+    return None if callspec is None else callspec.params.get(PARAM_FIXTURE)
 
 
 @pytest.fixture
-def case(_llmbench_param: Any) -> dict[str, Any]:
+def case(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The dataset item of this test case (a dict)."""
-    if _llmbench_param is None:
+    # `case` is itself the parametrized fixture, so a case costs one fixture less
+    param = getattr(request, "param", None)
+    if param is None:
         raise pytest.UsageError("the `case` fixture needs @pytest.mark.llmbench(dataset=...)")
-    return dict(_llmbench_param[0].data)
+    return dict(param[0].data)
 
 
 @pytest.fixture
-def temperature(_llmbench_param: Any) -> float | None:
+def temperature(request: pytest.FixtureRequest) -> float | None:
     """The temperature of this test case (None when the suite names none)."""
-    return None if _llmbench_param is None else _llmbench_param[1]
+    param = _param(request)
+    return None if param is None else param[1]
 
 
 @pytest.fixture
-def sample_index(_llmbench_param: Any) -> int | None:
+def sample_index(request: pytest.FixtureRequest) -> int | None:
     """The sample number of this case when the suite asks for ``samples=K``."""
-    return None if _llmbench_param is None else _llmbench_param[2]
+    param = _param(request)
+    return None if param is None else param[2]
 
 
 @pytest.fixture(scope="session")
@@ -198,23 +203,27 @@ def llm_config(pytestconfig: pytest.Config) -> LLMConfig:
 
 
 @pytest.fixture
-def llm(request: pytest.FixtureRequest, temperature: float | None) -> Iterator[LLMClient]:
+def llm(request: pytest.FixtureRequest) -> LLMClient:
     """A client bound to this case: its temperature, the shared budget, the store."""
+    # reads the parameter from the node instead of depending on `temperature`: one
+    # fixture less per case, which is measurable in a replay of 30,000 cases
     state = request.config.stash[STATE]
     if state.phase == "run" and not state.has_credentials():
         pytest.exit(MISSING_KEY, returncode=pytest.ExitCode.USAGE_ERROR)
     acc = request.node.stash.setdefault(CASE, CaseAccumulator())
     recorder = _recorder(request.config) if state.phase == "plan" else None
+    param = _param(request)
+    temperature = None if param is None else param[1]
     client = state.bound_client(request.node.nodeid, temperature, acc, recorder)
-    if state.phase != "run" or state.record_mode is None:
-        yield client
-        return
-    from .cassettes import case_cassette
+    if state.phase == "run" and state.record_mode is not None:
+        from .cassettes import case_cassette
 
-    # calls the fetch stage could not answer ahead (dependent, unplanned) go through the
-    # case's own cassette: one file per case, written by the one worker that runs it
-    with case_cassette(state, request.node.nodeid):
-        yield client
+        # calls the fetch stage could not answer ahead (dependent, unplanned) go through
+        # the case's own cassette: one file per case, written by the one worker that runs it
+        scope = case_cassette(state, request.node.nodeid)
+        scope.__enter__()
+        request.addfinalizer(lambda: scope.__exit__(None, None, None))
+    return client
 
 
 def _recorder(config: pytest.Config) -> Any:
