@@ -517,92 +517,34 @@ class _Shared:
             "reraise": True,
         }
 
-    def _after_error(
-        self, exc: BaseException, budget: Budget, model: str, stats: ClientStats, est: int
-    ) -> int:
-        """Feed a failed attempt back to the budget; returns 1 if it was a 429."""
-        import openai
-
-        headers = as_mapping(getattr(getattr(exc, "response", None), "headers", None))
-        if headers:
-            budget.observe(RateLimitSnapshot.from_headers(headers))
-        stats.add(model, requests=1)
-        if isinstance(exc, openai.RateLimitError):
-            stats.add(model, rate_limited=1)
-            wait = self.policy.server_wait(exc, est)
-            if wait is not None and is_retryable(exc):
-                budget.pause(min(wait, self.config.max_retry_after))
-            return 1
-        return 0
-
-    def _after_success(
-        self,
-        raw_http: Any,
-        budget: Budget,
-        model: str,
-        stats: ClientStats,
-        est: int,
-        started: float,
-        attempts: int,
-        limited: int,
-        on_answer: OnAnswer | None,
-    ) -> _RawAnswer:
-        latency = time.perf_counter() - started
-        headers = as_mapping(raw_http.headers)
-        try:
-            body = json.loads(raw_http.text)
-            if not isinstance(body, dict) or "choices" not in body:
-                raise ValueError("no choices")
-        except ValueError as exc:
-            budget.observe(RateLimitSnapshot.from_headers(headers))
-            stats.add(model, requests=1)
-            raise LLMCallError(
-                f"the API answered 200 with a malformed body ({exc})", status=200, retryable=True
-            ) from None
-        answer = _RawAnswer(body, headers, latency, attempts, limited)
-        if on_answer is not None:
-            # saved before any bookkeeping: the window in which a crash loses a paid-for
-            # answer is only the store's own fsync
-            on_answer(answer)
-        budget.observe(RateLimitSnapshot.from_headers(headers))
-        usage = Usage.from_body(body)
-        budget.correct(est, usage.total_tokens)
-        stats.add(model, requests=1, calls=1, retries=attempts - 1, usage=usage)
-        return answer
+    def _call(self, body: dict[str, Any], stats: ClientStats, on_answer: OnAnswer | None) -> _Call:
+        model = str(body["model"])
+        return _Call(
+            self,
+            model,
+            estimate_tokens(body, self.config.max_tokens),
+            self.budget(model),
+            stats,
+            on_answer,
+        )
 
     def send(
         self, body: dict[str, Any], stats: ClientStats, on_answer: OnAnswer | None = None
     ) -> _RawAnswer:
-        model = str(body["model"])
-        est = estimate_tokens(body, self.config.max_tokens)
-        budget = self.budget(model)
+        call = self._call(body, stats, on_answer)
         client = self.sync_client()
-        attempts = limited = 0
         try:
-            for attempt in Retrying(**self._retrying_kwargs(est)):
+            for attempt in Retrying(**self._retrying_kwargs(call.est)):
                 with attempt:
-                    attempts += 1
-                    budget.acquire(est)
-                    started = time.perf_counter()
+                    call.budget.acquire(call.begin())
                     try:
                         raw = client.chat.completions.with_raw_response.create(**body)
                     except Exception as exc:
-                        limited += self._after_error(exc, budget, model, stats, est)
+                        call.failed(exc)
                         raise
-                    return self._after_success(
-                        raw.http_response,
-                        budget,
-                        model,
-                        stats,
-                        est,
-                        started,
-                        attempts,
-                        limited,
-                        on_answer,
-                    )
+                    return call.succeeded(raw.http_response)
         except Exception as exc:
-            stats.add(model, errors=1, retries=max(0, attempts - 1))
-            raise _final(exc, model, attempts) from None
+            raise call.give_up(exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def asend(
@@ -612,39 +554,24 @@ class _Shared:
         client: openai.AsyncOpenAI | None = None,
         on_answer: OnAnswer | None = None,
     ) -> _RawAnswer:
+        """The async twin of :meth:`send`; the attempt logic lives in :class:`_Call`."""
         import openai
 
-        model = str(body["model"])
-        est = estimate_tokens(body, self.config.max_tokens)
-        budget = self.budget(model)
+        call = self._call(body, stats, on_answer)
         own = client is None
         aclient = client or openai.AsyncOpenAI(**self._client_kwargs())
-        attempts = limited = 0
         try:
-            async for attempt in AsyncRetrying(**self._retrying_kwargs(est)):
+            async for attempt in AsyncRetrying(**self._retrying_kwargs(call.est)):
                 with attempt:
-                    attempts += 1
-                    await budget.aacquire(est)
-                    started = time.perf_counter()
+                    await call.budget.aacquire(call.begin())
                     try:
                         raw = await aclient.chat.completions.with_raw_response.create(**body)
                     except Exception as exc:
-                        limited += self._after_error(exc, budget, model, stats, est)
+                        call.failed(exc)
                         raise
-                    return self._after_success(
-                        raw.http_response,
-                        budget,
-                        model,
-                        stats,
-                        est,
-                        started,
-                        attempts,
-                        limited,
-                        on_answer,
-                    )
+                    return call.succeeded(raw.http_response)
         except Exception as exc:
-            stats.add(model, errors=1, retries=max(0, attempts - 1))
-            raise _final(exc, model, attempts) from None
+            raise call.give_up(exc) from None
         finally:
             if own:
                 await aclient.close()
@@ -691,6 +618,70 @@ class _Shared:
             rest = await asyncio.gather(*(one(i) for i in items[1:]))
             return [first, *rest]
         return list(await asyncio.gather(*(one(i) for i in items)))
+
+
+@dataclass
+class _Call:
+    """One logical call across its attempts: budget feedback, counters, the saved answer."""
+
+    shared: _Shared
+    model: str
+    est: int
+    budget: Budget
+    stats: ClientStats
+    on_answer: OnAnswer | None
+    attempts: int = 0
+    limited: int = 0
+    started: float = 0.0
+
+    def begin(self) -> int:
+        """Count an attempt; returns the tokens to reserve for it."""
+        self.attempts += 1
+        self.started = time.perf_counter()
+        return self.est
+
+    def failed(self, exc: BaseException) -> None:
+        """Feed a failed attempt back to the budget (a 429 pauses the whole pool)."""
+        import openai
+
+        headers = as_mapping(getattr(getattr(exc, "response", None), "headers", None))
+        if headers:
+            self.budget.observe(RateLimitSnapshot.from_headers(headers))
+        self.stats.add(self.model, requests=1)
+        if isinstance(exc, openai.RateLimitError):
+            self.limited += 1
+            self.stats.add(self.model, rate_limited=1)
+            wait = self.shared.policy.server_wait(exc, self.est)
+            if wait is not None and is_retryable(exc):
+                self.budget.pause(min(wait, self.shared.config.max_retry_after))
+
+    def succeeded(self, raw_http: Any) -> _RawAnswer:
+        latency = time.perf_counter() - self.started
+        headers = as_mapping(raw_http.headers)
+        try:
+            body = json.loads(raw_http.text)
+            if not isinstance(body, dict) or "choices" not in body:
+                raise ValueError("no choices")
+        except ValueError as exc:
+            self.budget.observe(RateLimitSnapshot.from_headers(headers))
+            self.stats.add(self.model, requests=1)
+            raise LLMCallError(
+                f"the API answered 200 with a malformed body ({exc})", status=200, retryable=True
+            ) from None
+        answer = _RawAnswer(body, headers, latency, self.attempts, self.limited)
+        if self.on_answer is not None:
+            # saved before any bookkeeping: the window in which a crash loses a paid-for
+            # answer is only the store's own fsync
+            self.on_answer(answer)
+        self.budget.observe(RateLimitSnapshot.from_headers(headers))
+        usage = Usage.from_body(body)
+        self.budget.correct(self.est, usage.total_tokens)
+        self.stats.add(self.model, requests=1, calls=1, retries=self.attempts - 1, usage=usage)
+        return answer
+
+    def give_up(self, exc: BaseException) -> LLMCallError:
+        self.stats.add(self.model, errors=1, retries=max(0, self.attempts - 1))
+        return _final(exc, self.model, self.attempts)
 
 
 def _final(exc: BaseException, model: str, attempts: int) -> LLMCallError:

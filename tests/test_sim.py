@@ -267,13 +267,13 @@ def test_unknown_model_is_404_model_not_found(start, client) -> None:
 
 def test_bad_api_key_is_401_and_never_echoed(start, client) -> None:
     sim = start(api_keys=[KEY])
-    secret = "sk-proj-ABCDEFGHIJKLMNOPQRSTUVWXYZ987654"
+    secret = "sk-test-fake-ABCDEFGHIJKLMNOPQRSTUVWXYZ987654"
     with pytest.raises(openai.AuthenticationError) as err:
         client(sim, api_key=secret).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}]
         )
     assert err.value.code == "invalid_api_key"
-    assert "Incorrect API key provided: sk-pr****7654" in err.value.message
+    assert "Incorrect API key provided: sk-te****7654" in err.value.message
     assert secret not in str(err.value.body) and "ABCDEFGH" not in err.value.message
 
 
