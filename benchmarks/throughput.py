@@ -163,13 +163,15 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
             ]
     seq = results[-1]
     seq_rate = seq["answered"] / seq["wall"]
+    how = "configured (--llm-rpm 3000)" if configured else "learned from the headers"
     print(
-        f"\nPart 1: {2 * items} cases, limit {limit_rps:.0f} requests/s (3,000 RPM), "
+        f"\nPart 1: {2 * items} cases, limit {limit_rps:.0f} requests/s (3,000 RPM) {how}, "
         "lognormal latency mean 0.5 s"
     )
     head = (
         f"{'mode':22} {'cases':>6} {'wall s':>7} {'req/s':>6} {'/limit':>6} "
-        f"{'fetch/limit':>11} {'429s':>5} {'429 %':>6} {'lost':>4} {'dup':>4} "
+        f"{'fetch/limit':>11} {'steady/limit':>12} {'429s':>5} {'429 %':>6} {'lost':>4} "
+        f"{'dup':>4} "
         f"{'plan % wall':>11} {'speed-up':>8}"
     )
     print(head)
@@ -183,7 +185,8 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
         refused = 100 * r["429"] / max(1, r["requests"])
         print(
             f"{r['name']:22} {r['cases']:6d} {r['wall']:7.1f} {rate:6.1f} "
-            f"{rate / limit_rps:6.2f} {fetch} {r['429']:5d} {refused:5.2f}% {r['lost']:4d} "
+            f"{rate / limit_rps:6.2f} {fetch} {r['steady'] / limit_rps:12.2f} {r['429']:5d} "
+            f"{refused:5.2f}% {r['lost']:4d} "
             f"{r['duplicates']:4d} {plan} {rate / seq_rate:7.1f}x"
         )
         if r["tail"]:
