@@ -537,6 +537,7 @@ class _Shared:
             for attempt in Retrying(**self._retrying_kwargs(call.est)):
                 with attempt:
                     call.budget.acquire(call.begin())
+                    call.sending()
                     try:
                         raw = client.chat.completions.with_raw_response.create(**body)
                     except Exception as exc:
@@ -564,6 +565,7 @@ class _Shared:
             async for attempt in AsyncRetrying(**self._retrying_kwargs(call.est)):
                 with attempt:
                     await call.budget.aacquire(call.begin())
+                    call.sending()
                     try:
                         raw = await aclient.chat.completions.with_raw_response.create(**body)
                     except Exception as exc:
@@ -637,8 +639,11 @@ class _Call:
     def begin(self) -> int:
         """Count an attempt; returns the tokens to reserve for it."""
         self.attempts += 1
-        self.started = time.perf_counter()
         return self.est
+
+    def sending(self) -> None:
+        """The budget let the attempt go: latency is measured from here."""
+        self.started = time.perf_counter()
 
     def failed(self, exc: BaseException) -> None:
         """Feed a failed attempt back to the budget (a 429 pauses the whole pool)."""

@@ -270,3 +270,16 @@ def test_server_hint_wins_over_backoff(sim: Simulator) -> None:
     raw.close()
     policy = BackoffPolicy(base=0.01, cap=0.02, rng=lambda: 0.0)
     assert policy.wait(info.value, attempt=1) == pytest.approx(1.234)
+
+
+def test_latency_excludes_the_wait_for_the_budget(sim: Simulator, tmp_path: Path) -> None:
+    # Given a budget of 60 RPM with its one-request burst spent by a first call
+    with make_client(sim, tmp_path, rpm=60) as c:
+        c.generate_response("first")
+        # When the next call has to wait about a second for the budget
+        started = time.perf_counter()
+        r = c.generate_response("second")
+        waited = time.perf_counter() - started
+    # Then its latency is the HTTP round trip only, not the wait
+    assert waited > 0.5
+    assert r.latency < waited / 2
