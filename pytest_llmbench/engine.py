@@ -566,7 +566,7 @@ async def _stream(
                 except asyncio.TimeoutError:
                     exited = False
                 for req in reader.read_new():
-                    if req.key in state.store and state.fresh_since is None:
+                    if state.is_answered(req.key):
                         continue
                     if not checked:
                         state.check_credentials()

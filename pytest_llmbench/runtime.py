@@ -18,7 +18,7 @@ import pytest
 
 from .client import CallContext, LLMClient, Response
 from .config import LLMConfig, build_config, resolve_settings
-from .errors import ConfigError, LLMBenchError, StoreError
+from .errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     from .results import CaseResult
@@ -275,4 +275,4 @@ def _read_json(path: Path, option: str) -> dict[str, Any]:
     return data
 
 
-__all__ = ["MISSING_KEY", "SIM_API_KEY", "CaseAccumulator", "LLMBenchError", "RunState"]
+__all__ = ["MISSING_KEY", "SIM_API_KEY", "CaseAccumulator", "RunState"]
