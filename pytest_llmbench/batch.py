@@ -49,8 +49,6 @@ if TYPE_CHECKING:
 
 JOBS_STATE = "batch:jobs"
 REQUESTS_PREFIX = "batch:requests:"
-ERROR_PREFIX = "batch:error:"
-ERROR_INDEX = "batch:error-keys"
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 #: per-line error codes without an HTTP response that are worth another job
 RETRY_CODES = frozenset(
@@ -550,25 +548,20 @@ class BatchRunner:
         return f"Batch API error: {reason} (after {attempts} attempt{plural})"
 
     def _record_errors(self, errors: dict[str, str]) -> None:
-        record_errors(self.store, errors)
+        record_errors(self.store, errors, self.state.run_token)
 
 
-def record_errors(store: ResponseStore, errors: dict[str, str]) -> None:
+def record_errors(store: ResponseStore, errors: dict[str, str], run: str) -> None:
     """Save why requests failed for good; the replay fails their calls with it."""
-    if not errors:
-        return
-    for key, reason in errors.items():
-        store.set_state(ERROR_PREFIX + key, reason)
-    index = list(store.get_state(ERROR_INDEX) or [])
-    known = set(index)
-    store.set_state(ERROR_INDEX, index + [k for k in errors if k not in known])
+    from .store import Failure
+
+    if errors:
+        store.record_failures({key: Failure(r, "batch", run) for key, r in errors.items()})
 
 
 def clear_errors(store: ResponseStore) -> None:
     """Forget the failures of earlier invocations: they are asked again."""
-    for key in store.get_state(ERROR_INDEX) or []:
-        store.delete_state(ERROR_PREFIX + key)
-    store.delete_state(ERROR_INDEX)
+    store.clear_failures("batch")
 
 
 def _planned(key: str, row: list[Any]) -> PlannedRequest:
@@ -703,12 +696,6 @@ def _note(config: pytest.Config, line: str) -> None:
         tr.write_line(line)
 
 
-def stored_error(store: ResponseStore, key: str) -> str | None:
-    """The Batch API's reason for a request that failed for good, if any."""
-    value = store.get_state(ERROR_PREFIX + key)
-    return str(value) if value else None
-
-
 def summary_lines(state: RunState, cases: Sequence[CaseResult], prices: PriceTable) -> list[str]:
     """The batch lines of the summary (jobs, waiting, rounds, saving, problems); also
     fills ``report_meta["batch"]`` with the cost figures. Empty outside ``--batch-api``."""
@@ -766,6 +753,5 @@ __all__ = [
     "make_runner",
     "record_errors",
     "split_requests",
-    "stored_error",
     "summary_lines",
 ]

@@ -4,9 +4,11 @@ vcrpy glue; vcrpy itself is imported on the first cassette, so ``pytest --help``
 
 - **Layout**: one YAML file per case, ``cassettes/<module stem>/<test name>.yaml`` beside the
   suite. A case runs in one xdist worker, so no two processes write one file.
-- **Matching**: method, path (URLs are filed under the default base URL, so a recording made
-  against the simulator replays against any base URL), body as canonical JSON, and the case:
-  the fetch stage sends every case's planned calls from one process (:func:`case_scope`).
+- **Matching**: the origin (the base URL, or the built-in simulator, filed under
+  ``SIM_BASE`` whatever its port), method, path, body as canonical JSON, and the case: the
+  fetch stage sends every case's planned calls from one process (:func:`case_scope`). A
+  recording replays only for the server it was recorded on, so the simulator's answers
+  never stand in for the real API's.
 - **Scrubbing**: only ``content-type`` and ``x-request-id`` headers are written. Rate limits,
   server errors and auth failures are not recorded: a replay never waits for them.
 """
@@ -17,6 +19,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -26,6 +29,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -36,17 +40,20 @@ if TYPE_CHECKING:
 
     from .runtime import RunState
 
-#: where requests are filed in a cassette, whatever base URL they were sent to
-CANONICAL_BASE = "https://api.openai.com/v1"
+#: where the built-in simulator's requests are filed (it listens on a new port every run)
+SIM_BASE = "http://simulator.llmbench.invalid/v1"
 #: in memory only, never sent nor written: the case a fetch-stage request belongs to
 CASE_HEADER = "x-llmbench-case"
 REQUEST_HEADERS = frozenset({"content-type"})
 RESPONSE_HEADERS = frozenset({"content-type", "x-request-id"})
 KEY_PLACEHOLDER = "<OPENAI_API_KEY>"
+#: the SDK needs some key to build a request; in record mode none no request leaves
+REPLAY_KEY = "sk-cassette-replay-nothing-is-sent"
 MAX_NAME_BYTES = 120
 _FORBIDDEN = "<>?%*:|\"'/\\"
 # vcrpy's mode for each of ours; "once" is decided per case file in _Policy.protected
 _VCR_MODE = {"none": "none", "once": "new_episodes", "new_episodes": "new_episodes", "all": "all"}
+# only httpx2 (openai 3.x) needs patching; vcrpy 9 can leave the other libraries alone
 _SKIP_PATCHERS = ("httplib", "requests", "boto3", "urllib3", "httplib2", "tornado", "aiohttp")
 
 _case: ContextVar[str | None] = ContextVar("llmbench_cassette_case", default=None)
@@ -125,8 +132,13 @@ def configure(config: pytest.Config, state: RunState, shared: dict[str, Any]) ->
         # recording must reach HTTP, and a replay must come from the cassettes, not from
         # answers an earlier run left in the store
         state.fresh_since = state.started_at
-    if mode == "none":  # a replay sends nothing, so there is nothing to pace
-        state.llm_config = state.llm_config.with_changes(rpm=None, tpm=None, budget_url=None)
+    if mode == "none":
+        # a replay sends nothing: nothing to pace (whatever limits an earlier live run
+        # left in the budget's state), and no key is needed nor sent
+        changes: dict[str, Any] = {"rpm": None, "tpm": None, "budget_url": "none"}
+        if state.llm_config.api_key is None:
+            changes["api_key"] = REPLAY_KEY
+        state.llm_config = state.llm_config.with_changes(**changes)
     if controller:
         what = "replaying only" if mode == "none" else "recording"
         where = state.cassette_dir or "cassettes/ beside each suite"
@@ -160,11 +172,16 @@ def _use(
 ) -> AbstractContextManager[Any]:
     from vcr.cassette import CassetteContextDecorator  # type: ignore[import-untyped]
 
+    from .store import SIM_ORIGIN
+
     root, cfg, started = state.config.rootpath, state.llm_config, int(state.started_at * 1e9)
     paths = {n: cassette_path(n, root, state.cassette_dir) for n in dict.fromkeys(nodeids)}
     secret = cfg.api_key.get_secret_value() if cfg.api_key is not None else None
-    base = (cfg.base_url or CANONICAL_BASE).rstrip("/")
-    policy = _Policy(str(state.record_mode), started, base, root, secret, paths, default_case)
+    base = cfg.endpoint.rstrip("/")
+    filed = SIM_BASE if state.origin == SIM_ORIGIN else base
+    policy = _Policy(
+        str(state.record_mode), started, base, filed, root, secret, paths, default_case
+    )
     return CassetteContextDecorator.from_args(  # type: ignore[no-any-return]
         _cassette_class(),
         path=str(policy.paths[default_case]) if default_case else "<llmbench fetch stage>",
@@ -175,8 +192,20 @@ def _use(
         match_on=(_same_request,),
         before_record_request=policy.filter_request,
         before_record_response=policy.filter_response,
-        skip_patchers=_SKIP_PATCHERS,
+        **_patcher_options(),
     )
+
+
+@functools.cache
+def _patcher_options() -> dict[str, Any]:
+    """``skip_patchers=`` where vcrpy has it (9.x, Python 3.11+). vcrpy 8.x, the newest for
+    Python 3.10, has no such argument and patches every library it knows for the cassette's
+    duration: nothing of ours speaks HTTP through them, so that costs time, not behaviour."""
+    from vcr.cassette import Cassette
+
+    if "skip_patchers" in inspect.signature(Cassette.__init__).parameters:
+        return {"skip_patchers": _SKIP_PATCHERS}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -186,7 +215,8 @@ class _Policy:
 
     mode: str
     started_ns: int
-    base_url: str
+    base_url: str  # where requests go
+    filed_base: str  # where they are filed: the origin the cassette records
     rootpath: Path
     secret: str | None
     paths: dict[str, Path]  # node id -> its cassette
@@ -206,7 +236,9 @@ class _Policy:
         except OSError:
             return False
 
-    def miss(self, request: Any) -> CassetteMissError:
+    def miss(self, request: Any, elsewhere: set[str]) -> CassetteMissError:
+        """The error of a request with no recorded answer; ``elsewhere`` names the other
+        servers the same request was recorded on."""
         path = self.path_of(request)
         shown = os.path.relpath(path, self.rootpath) if path.is_relative_to(self.rootpath) else path
         fix = (
@@ -214,6 +246,12 @@ class _Policy:
             if self.mode == "once"
             else "record it with a key and --llm-record-mode new_episodes"
         )
+        if elsewhere:
+            names = ", ".join(sorted(_describe(o) for o in elsewhere))
+            fix = (
+                f"it was recorded on {names}, not on {_describe(_origin(request))}: answers "
+                "replay only for the server that gave them (--llm-sim for the simulator's)"
+            )
         return CassetteMissError(
             f"no recorded answer in cassette {shown} for {request.method} "
             f"{request.parsed_uri.path} {_excerpt(_body(request))} (--llm-record-mode "
@@ -224,7 +262,7 @@ class _Policy:
     def filter_request(self, request: Any) -> Any:
         request = copy.deepcopy(request)
         if request.uri.startswith(self.base_url + "/"):
-            request.uri = CANONICAL_BASE + request.uri[len(self.base_url) :]
+            request.uri = self.filed_base + request.uri[len(self.base_url) :]
         keep = REQUEST_HEADERS | {CASE_HEADER}
         headers = {k: v for k, v in request.headers.items() if k.lower() in keep}
         case = _case.get() or headers.get(CASE_HEADER) or self.default_case
@@ -313,16 +351,22 @@ def _cassette_class() -> Any:
         def __init__(self, *, policy: _Policy, **kwargs: Any) -> None:
             self.policy = policy
             self._index: dict[tuple[Any, ...], list[int]] = {}
+            self._origins: dict[tuple[Any, ...], set[str]] = {}  # key less origin -> origins
             self._indexed = 0
             super().__init__(**kwargs)
 
         def _responses(self, request: Any) -> Iterator[tuple[int, Any]]:
-            for i in range(self._indexed, len(self.data)):  # self.data only grows
-                self._index.setdefault(_key(self.data[i][0]), []).append(i)
-            self._indexed = len(self.data)
+            self._catch_up()
             request = self._before_record_request(request)
             for i in self._index.get(_key(request), ()) if request else ():
                 yield i, self.data[i][1]
+
+        def _catch_up(self) -> None:
+            for i in range(self._indexed, len(self.data)):  # self.data only grows
+                recorded = self.data[i][0]
+                self._index.setdefault(_key(recorded), []).append(i)
+                self._origins.setdefault(_key(recorded)[1:], set()).add(_origin(recorded))
+            self._indexed = len(self.data)
 
         @property
         def write_protected(self) -> bool:
@@ -331,16 +375,29 @@ def _cassette_class() -> Any:
         def filter_request(self, request: Any) -> Any:
             filtered = super().filter_request(request)
             if filtered is not None and self.policy.protected(filtered):
-                raise self.policy.miss(filtered)
+                self._catch_up()
+                elsewhere = self._origins.get(_key(filtered)[1:], set()) - {_origin(filtered)}
+                raise self.policy.miss(filtered, elsewhere)
             return None  # not refused: the request is sent and recorded
 
     return LLMCassette
 
 
 def _key(request: Any) -> tuple[Any, ...]:
-    """What two requests must share to match."""
+    """What two requests must share to match (the origin first)."""
     case, path, query = request.headers.get(CASE_HEADER), request.path or "/", request.query
-    return (case, request.method, path, tuple(query), _canonical(_body(request)))
+    body = _canonical(_body(request))
+    return (_origin(request), case, request.method, path, tuple(query), body)
+
+
+def _origin(request: Any) -> str:
+    """The server a (filtered) request is filed under: scheme and host of its URI."""
+    parts = urlsplit(request.uri)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _describe(origin: str) -> str:
+    return "the built-in simulator (--llm-sim)" if SIM_BASE.startswith(origin) else origin
 
 
 def _same_request(r1: Any, r2: Any) -> bool:

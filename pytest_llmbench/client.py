@@ -22,7 +22,7 @@ from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_att
 
 from .budget import Budget, RateLimitSnapshot, open_budget
 from .config import LLMConfig
-from .errors import LLMCallError, LLMPending
+from .errors import ConfigError, LLMCallError, LLMPending
 from .retry import BackoffPolicy, as_mapping, describe, is_retryable
 
 if TYPE_CHECKING:
@@ -33,9 +33,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 R = TypeVar("R")
 ENDPOINT = "/v1/chat/completions"
-#: saved with a prefetched answer: how many attempts and 429s it took to get it
-ATTEMPTS_HEADER = "x-llmbench-attempts"
-LIMITED_HEADER = "x-llmbench-rate-limited"
+MISSING_KEY = "no OpenAI API key: set OPENAI_API_KEY, or pass LLMConfig(api_key=...)"
 Messages = Sequence[Mapping[str, Any]]
 PromptLike = str | Messages
 
@@ -135,8 +133,8 @@ class Response:
             latency=stored.latency_s,
             request_id=headers.get("x-request-id"),
             cached=cached,
-            attempts=0 if cached else int(headers.get(ATTEMPTS_HEADER, 1)),
-            rate_limited=0 if cached else int(headers.get(LIMITED_HEADER, 0)),
+            attempts=0 if cached else stored.attempts,
+            rate_limited=0 if cached else stored.rate_limited,
             source=stored.source,
             key=stored.key,
         )
@@ -206,8 +204,11 @@ class CallContext:
     fresh_since: float | None = None  # --llm-fresh: answers stored before this are ignored
     record: Callable[[str, str, int, str, dict[str, Any]], None] | None = None
     on_response: Callable[[Response], None] | None = None
+    on_error: Callable[[LLMCallError], None] | None = None  # a call that failed for good
     batch_errors: bool = False  # a Batch API failure stored for a key fails the call
     run_started: float = 0.0  # answers fetched ahead after this are this run's, not cached
+    run_token: str = ""  # failures the prefetch recorded under this token fail the call
+    cassette_replay: bool = False  # every answer comes from a cassette: nothing is sent
     ordinal: int = 0
 
     def next_ordinal(self) -> int:
@@ -311,16 +312,20 @@ class LLMClient:
         ctx = self.context
         if key is None or ctx is None or ctx.store is None:
             return None
-        stored = ctx.store.get(key)
-        if stored is not None and ctx.fresh_since is not None:
-            stored = stored if stored.created_at >= ctx.fresh_since else None
+        stored = ctx.store.lookup(key, fresh_since=ctx.fresh_since)
         if stored is None:
-            if ctx.batch_errors:
-                from .batch import stored_error
-
-                reason = stored_error(ctx.store, key)
-                if reason is not None:
-                    raise LLMCallError(reason)
+            failure = ctx.store.failure(key)
+            if (
+                failure is not None
+                and failure.run == ctx.run_token
+                and (failure.source != "batch" or ctx.batch_errors)
+            ):
+                # failed for good earlier in this run (a 401 in the prefetch, a Batch API
+                # verdict): fail the call the same way instead of paying for it again
+                error = LLMCallError(failure.reason, attempts=failure.attempts)
+                error.rate_limited = failure.rate_limited
+                self._failed(error)
+                raise error
             return None
         ahead = stored.source in ("prefetch", "batch") and stored.created_at >= ctx.run_started
         response = Response.from_stored(stored, cached=not ahead)
@@ -340,21 +345,27 @@ class LLMClient:
             response=raw.body,
             headers=raw.headers,
             latency_s=raw.latency,
-            source="live",
+            source="cassette" if ctx.cassette_replay else "live",
             replace=ctx.fresh_since is not None,
+            attempts=raw.attempts,
+            rate_limited=raw.rate_limited,
         )
 
     def _saver(self, key: str | None, body: dict[str, Any]) -> OnAnswer:
         return lambda raw: self._save(key, body, raw)
 
     def _finish(self, key: str | None, body: dict[str, Any], raw: _RawAnswer) -> Response:
+        replayed = self.context is not None and self.context.cassette_replay
         response = Response.from_body(
             raw.body,
             request=body,
             latency=raw.latency,
             request_id=raw.headers.get("x-request-id"),
-            attempts=raw.attempts,
-            rate_limited=raw.rate_limited,
+            # a cassette's answer was replayed, not requested: no request, no 429
+            cached=replayed,
+            attempts=0 if replayed else raw.attempts,
+            rate_limited=0 if replayed else raw.rate_limited,
+            source="cassette" if replayed else "live",
             key=key,
         )
         self._notify(response)
@@ -363,6 +374,10 @@ class LLMClient:
     def _notify(self, response: Response) -> None:
         if self.context is not None and self.context.on_response is not None:
             self.context.on_response(response)
+
+    def _failed(self, error: LLMCallError) -> None:
+        if self.context is not None and self.context.on_error is not None:
+            self.context.on_error(error)
 
     # ----------------------------------------------------------------- sync
     def generate_response(self, prompt: PromptLike, **params: Any) -> Response:
@@ -377,7 +392,11 @@ class LLMClient:
             self._notify(cached)
             return cached
         self._maybe_record([(key, body)])
-        raw = self._shared.send(body, self.stats, on_answer=self._saver(key, body))
+        try:
+            raw = self._shared.send(body, self.stats, on_answer=self._saver(key, body))
+        except LLMCallError as exc:
+            self._failed(exc)
+            raise
         return self._finish(key, body, raw)
 
     # ----------------------------------------------------------------- async
@@ -390,7 +409,11 @@ class LLMClient:
             self._notify(cached)
             return cached
         self._maybe_record([(key, body)])
-        raw = await self._shared.asend(body, self.stats, on_answer=self._saver(key, body))
+        try:
+            raw = await self._shared.asend(body, self.stats, on_answer=self._saver(key, body))
+        except LLMCallError as exc:
+            self._failed(exc)
+            raise
         return self._finish(key, body, raw)
 
     def batch_generate(self, prompts: Iterable[PromptLike], **params: Any) -> list[Response]:
@@ -413,6 +436,7 @@ class LLMClient:
             for i, answer in zip(missing, answers, strict=True):
                 if isinstance(answer, LLMCallError):
                     self.stats.add(bodies[i]["model"], errors=1)
+                    self._failed(answer)
                     results[i] = Response.failed(bodies[i], str(answer), keys[i])
                 else:
                     results[i] = self._finish(keys[i], bodies[i], answer)
@@ -465,9 +489,11 @@ class _Shared:
 
     # -- resources
     def _client_kwargs(self) -> dict[str, Any]:
-        key = self.config.api_key.get_secret_value() if self.config.api_key else None
+        if self.config.api_key is None:
+            # never send a made-up key: the server's 401 would blame a key that was set
+            raise ConfigError(MISSING_KEY)
         return {
-            "api_key": key or "sk-missing",
+            "api_key": self.config.api_key.get_secret_value(),
             "base_url": self.config.base_url,
             "organization": self.config.organization,
             "project": self.config.project,
@@ -686,7 +712,9 @@ class _Call:
 
     def give_up(self, exc: BaseException) -> LLMCallError:
         self.stats.add(self.model, errors=1, retries=max(0, self.attempts - 1))
-        return _final(exc, self.model, self.attempts)
+        error = _final(exc, self.model, self.attempts)
+        error.rate_limited = self.limited
+        return error
 
 
 def _final(exc: BaseException, model: str, attempts: int) -> LLMCallError:

@@ -15,11 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
 DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: the environment variable of the API key; never an option (shell history, CI logs)
+KEY_ENV = "OPENAI_API_KEY"
 
 
 class BatchSettings(BaseModel):
@@ -41,8 +53,11 @@ class LLMConfig(BaseModel):
     """Everything a client needs to reach the API and pace itself.
 
     Build it directly (``LLMConfig(model="gpt-4o", rpm=500)``), or let the plugin build
-    it from options, environment and ini. The API key is a :class:`SecretStr`: it never
-    shows in a repr, a log line or an error message.
+    it from options, environment and ini. Fields not given are read from the same
+    environment the plugin reads (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``,
+    ``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID`` and the ``LLMBENCH_*`` variables), so a
+    client built on its own behaves like the plugin's. The API key is a
+    :class:`SecretStr`: it never shows in a repr, a log line or an error message.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -66,6 +81,16 @@ class LLMConfig(BaseModel):
     budget_url: str | None = None
     batch: BatchSettings = BatchSettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any, info: ValidationInfo) -> Any:
+        """Fill the fields that were not given from the environment (context ``env``
+        replaces ``os.environ``, for the plugin and for tests)."""
+        if not isinstance(data, dict):
+            return data
+        env = (info.context or {}).get("env", os.environ)
+        return _env_defaults(data, env)
+
     @field_validator("base_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -79,15 +104,20 @@ class LLMConfig(BaseModel):
         if value in (None, "", "file"):
             return None
         assert value is not None
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be 'file' or a redis://host:port/db URL")
+        if value != "none" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be 'file', 'none' or a redis://host:port/db URL")
         return value
 
     def with_changes(self, **changes: Any) -> LLMConfig:
-        """A validated copy with some fields changed."""
+        """A validated copy with some fields changed (the environment is not read again)."""
         data = self.model_dump()
         data.update(changes)
-        return LLMConfig.model_validate(data)
+        return LLMConfig.model_validate(data, context={"env": {}})
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL requests go to (the public API when none is configured)."""
+        return self.base_url or DEFAULT_BASE_URL
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,6 +164,7 @@ class Option:
     kind: Literal["value", "flag", "append"] = "value"
     metavar: str | None = None
     extra_env: tuple[str, ...] = ()  # fallbacks after ``env`` (OPENAI_*)
+    default: str | None = None  # shown in the README; LLMConfig fields show their own
 
     @property
     def name(self) -> str:
@@ -147,9 +178,10 @@ OPTIONS: tuple[Option, ...] = (
         "--llm-base-url",
         "LLMBENCH_BASE_URL",
         "base_url",
-        "OpenAI-compatible API base URL (default: OPENAI_BASE_URL, else api.openai.com)",
+        "OpenAI-compatible API base URL",
         metavar="URL",
         extra_env=("OPENAI_BASE_URL",),
+        default=f"`{DEFAULT_BASE_URL}`",
     ),
     Option(
         "llm_organization",
@@ -190,18 +222,20 @@ OPTIONS: tuple[Option, ...] = (
         "--llm-rpm",
         "LLMBENCH_RPM",
         "rpm",
-        "requests per minute the account allows (default: learned from headers)",
+        "requests per minute the account allows",
         int,
         metavar="N",
+        default="learned from headers",
     ),
     Option(
         "llm_tpm",
         "--llm-tpm",
         "LLMBENCH_TPM",
         "tpm",
-        "tokens per minute the account allows (default: learned from headers)",
+        "tokens per minute the account allows",
         int,
         metavar="N",
+        default="learned from headers",
     ),
     Option(
         "llm_burst_seconds",
@@ -262,8 +296,9 @@ OPTIONS: tuple[Option, ...] = (
         "--llm-budget",
         "LLMBENCH_BUDGET",
         "budget_url",
-        "shared budget: 'file' (default) or redis://host:port/db",
+        "shared budget: 'file' (one machine), redis://host:port/db (several) or 'none'",
         metavar="URL",
+        default="`file`",
     ),
     Option(
         "llm_batch_poll",
@@ -282,6 +317,7 @@ OPTIONS: tuple[Option, ...] = (
         "give up waiting for batch jobs after S seconds (they resume next run)",
         float,
         metavar="S",
+        default="wait until done",
     ),
     Option(
         "llm_batch_detach",
@@ -297,7 +333,7 @@ OPTIONS: tuple[Option, ...] = (
         "--llm-batch-fallback",
         "LLMBENCH_BATCH_FALLBACK",
         "batch.fallback",
-        "'none' (default) or 'live': call the API for lines the Batch API failed",
+        "'none' or 'live': call the API for lines the Batch API failed",
         metavar="MODE",
     ),
     Option(
@@ -314,8 +350,9 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "LLMBENCH_BATCH_MAX_REQUESTS",
         None,
-        "requests per batch input file at most (default 50000; lower only for tests)",
+        "requests per batch input file at most (lower only for tests)",
         int,
+        default="`50000`",
     ),
     # plugin-only settings
     Option(
@@ -344,6 +381,7 @@ OPTIONS: tuple[Option, ...] = (
         "temperatures for every llmbench suite, overriding the marker",
         _float_list,
         metavar="T,T",
+        default="the marker's",
     ),
     Option(
         "llm_limit",
@@ -353,6 +391,7 @@ OPTIONS: tuple[Option, ...] = (
         "keep the first N items of each dataset",
         int,
         metavar="N",
+        default="all items",
     ),
     Option(
         "llm_sample",
@@ -362,9 +401,17 @@ OPTIONS: tuple[Option, ...] = (
         "keep a seeded sample of N items of each dataset",
         int,
         metavar="N",
+        default="all items",
     ),
     Option(
-        "llm_seed", "--llm-seed", "LLMBENCH_SEED", None, "seed of --llm-sample", str, metavar="S"
+        "llm_seed",
+        "--llm-seed",
+        "LLMBENCH_SEED",
+        None,
+        "seed of --llm-sample",
+        str,
+        metavar="S",
+        default="`0`",
     ),
     Option(
         "llm_no_prefetch",
@@ -389,28 +436,30 @@ OPTIONS: tuple[Option, ...] = (
         "--llm-record-mode",
         "LLMBENCH_RECORD_MODE",
         None,
-        "cassettes: none (replay only), once, new_episodes or all, as vcrpy means them "
-        "(default: none when cassettes exist and no key is set, else no cassettes)",
+        "cassettes: none (replay only), once, new_episodes or all, as vcrpy means them",
         _record_mode,
         metavar="MODE",
+        default="`none` when the suites have cassettes and no key is set, else no cassettes",
     ),
     Option(
         "llm_cassette_dir",
         "--llm-cassette-dir",
         "LLMBENCH_CASSETTE_DIR",
         None,
-        "where cassettes live (default: cassettes/<module>/ beside each suite)",
+        "where cassettes live",
         Path,
         metavar="DIR",
+        default="`cassettes/<module>/` beside each suite",
     ),
     Option(
         "llm_report",
         "--llm-report",
         "LLMBENCH_REPORT",
         None,
-        "write the JSON report to PATH",
+        "write the JSON report to PATH (its directory must exist)",
         Path,
         metavar="PATH",
+        default="no report",
     ),
     Option(
         "llm_gate",
@@ -420,6 +469,7 @@ OPTIONS: tuple[Option, ...] = (
         "CI gate 'suite[@T]:metric>=value' (repeatable); gates decide the exit status",
         kind="append",
         metavar="GATE",
+        default="no gates",
     ),
     Option(
         "llm_prices",
@@ -429,6 +479,7 @@ OPTIONS: tuple[Option, ...] = (
         "JSON file of USD prices per 1M tokens, overriding the built-in table",
         Path,
         metavar="FILE",
+        default="the built-in table",
     ),
     Option(
         "llm_sim_config",
@@ -488,8 +539,52 @@ def resolve_settings(
     return result
 
 
+def _env_defaults(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """``data`` plus, for each LLMConfig field it does not name, the environment's value."""
+    out = dict(data)
+    if "api_key" not in out and env.get(KEY_ENV, ""):
+        out["api_key"] = SecretStr(env[KEY_ENV])
+    batch = dict(out["batch"]) if isinstance(out.get("batch"), Mapping) else None
+    for option in OPTIONS:
+        if option.field is None:
+            continue
+        name = option.field.removeprefix("batch.")
+        target = out
+        if option.field.startswith("batch."):
+            if "batch" in out and batch is None:
+                continue  # a BatchSettings object was given whole
+            batch = batch if batch is not None else {}
+            target = batch
+        if name in target:
+            continue
+        for var in (option.env, *option.extra_env):
+            if var and env.get(var, "") != "":
+                try:
+                    target[name] = option.parse(env[var])
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"environment variable {var}: {exc}") from None
+                break
+    if batch:
+        out["batch"] = batch
+    return out
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str]:
+    """The location and message of a validation error, without pydantic's prefixes."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    message = str(first["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return loc, message
+
+
 def build_config(settings: Mapping[str, Any], env: Mapping[str, str] | None = None) -> LLMConfig:
-    """Build an :class:`LLMConfig` from resolved settings, naming the option on error."""
+    """Build an :class:`LLMConfig` from resolved settings, naming the option on error.
+
+    ``settings`` already holds the environment's values (precedence applied by
+    :func:`resolve_settings`); the key comes from ``env`` alone.
+    """
     env = os.environ if env is None else env
     data: dict[str, Any] = {}
     batch: dict[str, Any] = {}
@@ -504,27 +599,44 @@ def build_config(settings: Mapping[str, Any], env: Mapping[str, str] | None = No
         else:
             data[option.field] = value
             origin[option.field] = option.name
-    key = env.get("OPENAI_API_KEY", "")
-    if key:
-        data["api_key"] = SecretStr(key)
     if batch:
         data["batch"] = batch
+    key_env = {KEY_ENV: env[KEY_ENV]} if env.get(KEY_ENV) else {}
     try:
-        return LLMConfig.model_validate(data)
+        return LLMConfig.model_validate(data, context={"env": key_env})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        name = origin.get(loc, loc)
-        raise ConfigError(f"{name}: {first['msg']}") from None
+        loc, message = _first_error(exc)
+        raise ConfigError(f"{origin.get(loc, loc)}: {message}") from None
+
+
+def default_text(option: Option) -> str:
+    """The default of an option as the README shows it."""
+    if option.default is not None:
+        return option.default
+    if option.kind == "flag":
+        return "off"
+    if option.field is None:
+        return "-"
+    owner: type[BaseModel] = LLMConfig
+    name = option.field
+    if name.startswith("batch."):
+        owner, name = BatchSettings, name.removeprefix("batch.")
+    value = owner.model_fields[name].default
+    if value is None:
+        return "-"
+    return f"`{value}`"
 
 
 def option_reference() -> str:
     """The README's option table, generated from ``OPTIONS``."""
-    rows = ["| option | ini key | environment | meaning |", "| --- | --- | --- | --- |"]
+    rows = [
+        "| option | ini key | environment | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for o in OPTIONS:
         flag = f"`{o.flag}`" if o.flag else ""
         if o.metavar:
             flag = f"`{o.flag} {o.metavar}`"
         env = ", ".join(f"`{v}`" for v in (o.env, *o.extra_env) if v)
-        rows.append(f"| {flag} | `{o.dest}` | {env} | {o.help} |")
+        rows.append(f"| {flag} | `{o.dest}` | {env} | {default_text(o)} | {o.help} |")
     return "\n".join(rows)

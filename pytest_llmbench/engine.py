@@ -117,6 +117,9 @@ def _plan_command(
         "-rN",
         f"--basetemp={workdir / 'tmp'}",
     ]
+    if not any(str(a).startswith("--rootdir") for a in args):
+        # the same node ids as this process, whatever else the arguments name
+        extra.append(f"--rootdir={config.rootpath}")
     if cachedir is not None:
         extra += ["-o", f"cache_dir={cache_copy}"]
     if config.pluginmanager.hasplugin("xdist"):
@@ -258,8 +261,16 @@ def prefetch_enabled(config: pytest.Config, state: RunState) -> bool:
         return False
     if state.settings.get("llm_no_prefetch") and not state.llm_config.batch.enabled:
         return False
+    if state.record_mode == "none":
+        return False  # every answer is in a cassette: each test replays its own at once
+    return runs_tests(config)
+
+
+def runs_tests(config: pytest.Config) -> bool:
+    """Whether this session calls test functions (not --collect-only, --setup-only...)."""
     opt = config.option
-    return not (opt.collectonly or getattr(opt, "setuponly", False) or getattr(opt, "help", False))
+    shows = ("collectonly", "setuponly", "setupplan", "help")
+    return not any(getattr(opt, name, False) for name in shows)
 
 
 def unanswered(state: RunState, nodeids: list[str] | None) -> list[str] | None:
@@ -381,7 +392,7 @@ def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None
     if runner is not None and runner.lost:
         notes.append(f"job(s) unknown to the API, submitted again: {', '.join(runner.lost)}")
     if errors:
-        record_errors(state.store, errors)
+        record_errors(state.store, errors, state.run_token)
         deep = sum(1 for e in errors.values() if "max-rounds" in e)
         if deep:
             notes.append(
@@ -447,8 +458,6 @@ class _Fetcher:
         self.aclient = openai.AsyncOpenAI(**self.shared._client_kwargs())
 
     def _saver(self, req: PlannedRequest) -> Callable[[Any], None]:
-        from .client import ATTEMPTS_HEADER, LIMITED_HEADER
-
         def save(raw: Any) -> None:
             self.state.store.put(
                 req.key,
@@ -457,17 +466,26 @@ class _Fetcher:
                 endpoint=req.endpoint,
                 request=req.body,
                 response=raw.body,
-                headers={
-                    **raw.headers,
-                    ATTEMPTS_HEADER: str(raw.attempts),
-                    LIMITED_HEADER: str(raw.rate_limited),
-                },
+                headers=raw.headers,
                 latency_s=raw.latency,
                 source="prefetch",
                 replace=self.state.fresh_since is not None,
+                attempts=raw.attempts,
+                rate_limited=raw.rate_limited,
             )
 
         return save
+
+    def _record_failure(self, req: PlannedRequest, exc: Any) -> None:
+        """A request that no retry can mend (400, 401, 403, 404, 422, quota) fails its
+        case in the run without being sent again; a retryable one is tried live."""
+        from .store import Failure
+
+        if exc.retryable:
+            return
+        run = self.state.run_token
+        failure = Failure(str(exc), "prefetch", run, exc.attempts, exc.rate_limited)
+        self.state.store.record_failures({req.key: failure})
 
     async def one(self, req: PlannedRequest) -> None:
         from .cassettes import case_scope
@@ -480,6 +498,7 @@ class _Fetcher:
                         req.body, self.state.client.stats, self.aclient, self._saver(req)
                     )
             except LLMCallError as exc:
+                self._record_failure(req, exc)
                 self.progress.fail(exc)
                 return
             usage = raw.body.get("usage") or {}

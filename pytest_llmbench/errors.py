@@ -43,7 +43,7 @@ class LLMCallError(LLMBenchError):
 
     ``status`` is the HTTP status (None for connection failures), ``code`` the API's
     error code (``insufficient_quota``, ``model_not_found`` ...), ``attempts`` how many
-    HTTP requests were made for this call.
+    HTTP requests were made for this call, ``rate_limited`` how many of them got a 429.
     """
 
     def __init__(
@@ -60,6 +60,7 @@ class LLMCallError(LLMBenchError):
         self.code = code
         self.error_type = error_type
         self.attempts = attempts
+        self.rate_limited = 0
         self.retryable = retryable
         super().__init__(message)
 

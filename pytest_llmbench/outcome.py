@@ -59,11 +59,7 @@ def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: flo
     cases = list(state.cases.values())
     if not cases and not gates:
         return None
-    prices_path = state.settings.get("llm_prices")
-    try:
-        prices = PriceTable.load(Path(prices_path)) if prices_path else PriceTable()
-    except ConfigError as exc:
-        raise pytest.UsageError(f"--llm-prices: {exc}") from None
+    prices = state.prices or PriceTable()
     summaries = summarize(cases, prices)
     total = totals(summaries)
     if state.llm_config.batch.enabled:
@@ -79,11 +75,8 @@ def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: flo
         # gates decide: cases may fail individually as long as the suite's figures hold
         new_status = 0 if all(r.passed for r in results) else 1
     final_status = exitstatus if new_status is None else new_status
-    report_path: Path | None = state.settings.get("llm_report")
+    report_path = state.report_path
     if report_path is not None:
-        report_path = Path(report_path)
-        if not report_path.is_absolute():
-            report_path = config.invocation_params.dir / report_path
         meta: dict[str, Any] = {
             "model": state.llm_config.model,
             "mode": run_mode(state, total.requests),
@@ -95,6 +88,7 @@ def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: flo
             "exit_status": int(final_status),
             "base_url": state.llm_config.base_url or "https://api.openai.com/v1",
             "simulator": state.sim_enabled,
+            "origin": state.origin,
         }
         meta.update(state.report_meta)
         report = build_report(
@@ -118,6 +112,18 @@ def _workers(config: pytest.Config) -> int:
         return os.cpu_count() or 1
 
 
+def origin_line(state: RunState, total: SuiteSummary) -> str:
+    """Where this run's answers came from: sent now, or replayed (store or cassettes)."""
+    from .store import SIM_ORIGIN
+
+    where = "the built-in simulator" if state.origin == SIM_ORIGIN else state.origin
+    line = f"llmbench answers from {where}: {total.requests} request(s) sent in this run"
+    if total.cached:
+        source = "cassettes" if state.record_mode == "none" else "the store"
+        line += f", {total.cached} answer(s) replayed from {source} (recorded on {where})"
+    return line
+
+
 def print_summary(terminalreporter: Any, state: RunState) -> None:
     from .results import format_summary
 
@@ -126,6 +132,7 @@ def print_summary(terminalreporter: Any, state: RunState) -> None:
     tr.write_sep("=", f"llmbench summary ({summary.mode}, model {state.llm_config.model})")
     for line in format_summary(summary.summaries, summary.total):
         tr.write_line(line)
+    tr.write_line(origin_line(state, summary.total))
     for line in state.summary_notes:
         tr.write_line(line)
     if summary.gates:

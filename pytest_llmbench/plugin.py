@@ -65,9 +65,37 @@ def pytest_configure(config: pytest.Config) -> None:
                 store.clear()
         if state.sim_enabled:
             state.start_simulator()
+        elif not _asks_help(config):
+            _check_budget(state)
     config.pluginmanager.register(RunHooks(config, state), f"llmbench-run-{id(config)}")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(state), "llmbench-xdist")
+
+
+def _asks_help(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "help", False) or getattr(config.option, "version", 0))
+
+
+def _check_budget(state: RunState) -> None:
+    """Reach a Redis budget now: an unreachable one is a usage error, not a crash later."""
+    cfg = state.llm_config
+    if cfg.budget_url is None or cfg.budget_url == "none":
+        return
+    from .budget import open_budget
+    from .errors import BudgetError
+
+    try:
+        budget = open_budget(
+            cfg.budget_url,
+            run_dir=cfg.run_dir,
+            key=cfg.model,
+            rpm=cfg.rpm,
+            tpm=cfg.tpm,
+            burst_seconds=cfg.burst_seconds,
+        )
+    except BudgetError as exc:
+        raise pytest.UsageError(f"--llm-budget: {exc}") from None
+    budget.close()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -92,10 +120,12 @@ class XdistHooks:
         if self.planned:
             return
         self.planned = True
-        from .engine import maybe_prefetch, read_collection_flag
+        from .engine import maybe_prefetch, read_collection_flag, runs_tests
 
         nodeids = read_collection_flag(self.state, node.workerinput["workerid"])
         if nodeids is None or nodeids:
+            if runs_tests(node.config):
+                self.state.check_credentials()
             maybe_prefetch(node.config, self.state, nodeids)
 
 
@@ -123,6 +153,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     samples = int(marker.kwargs.get("samples", 1))
     if samples < 1:
         pytest.fail(pytrace=False, reason=f"{where}: samples must be at least 1")
+    problem: str | None = None
     try:
         items = load_dataset(
             source,
@@ -131,7 +162,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             required=tuple(marker.kwargs.get("required", ())),
         )
     except DatasetError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        problem = str(exc)
+    if problem is not None:
+        # raised outside the except block: one message, no "during handling of" chain
+        pytest.fail(problem, pytrace=False)
     items = select(
         items,
         limit=state.settings.get("llm_limit"),
@@ -248,15 +282,20 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         return (yield)
     except LLMPending:
         # plan phase: the test stopped at its first unanswered call; not a result
-        pytest.skip("llmbench: planned")
+        message = None
     except LLMCallError as exc:
         item.stash[API_ERROR] = str(exc)
-        pytest.fail(f"API error: {exc}", pytrace=False)
+        message = f"API error: {exc}"
     except AssertionError as exc:
         short = item.config.option.tbstyle == "auto" and bool(str(exc))
         if item.get_closest_marker("llmbench") is None or not short:
             raise
-        pytest.fail(str(exc), pytrace=False)
+        message = str(exc)
+    # raised outside the except blocks, so pytest shows the message once, without
+    # "During handling of the above exception, another exception occurred"
+    if message is None:
+        pytest.skip("llmbench: planned")
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -267,8 +306,10 @@ def pytest_runtest_makereport(
     tracked = CASE in item.stash or item.get_closest_marker("llmbench") is not None
     final = call.when == "call" or (call.when == "setup" and report.outcome != "passed")
     if tracked and final and item.config.stash[STATE].phase == "run":
+        # on the item: junitxml writes the properties of the teardown report, which
+        # pytest builds later from item.user_properties (xdist carries them too)
         for name, value in _case_properties(item, report, call.excinfo).items():
-            report.user_properties.append((f"llm.{name}", value))
+            item.user_properties.append((f"llm.{name}", value))
     return report
 
 
@@ -321,8 +362,10 @@ class RunHooks:
         self.state = state
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown" or is_worker(self.config):
+            return
         props = [(k, v) for k, v in report.user_properties if str(k).startswith("llm.")]
-        if not props or is_worker(self.config):
+        if not props:
             return
         from .results import CaseResult
 
@@ -333,13 +376,15 @@ class RunHooks:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         if self.state.phase != "run":
             return
-        from .engine import llm_nodeids, maybe_prefetch, write_collection_flag
+        from .engine import llm_nodeids, maybe_prefetch, runs_tests, write_collection_flag
 
         nodeids = llm_nodeids(session.items)
         if is_worker(self.config):
             # tell the controller, which never collects, what there is to plan
             write_collection_flag(self.config, self.state, nodeids)
         elif nodeids:
+            if runs_tests(self.config):
+                self.state.check_credentials()
             maybe_prefetch(self.config, self.state, nodeids)
 
     @pytest.hookimpl(tryfirst=True)

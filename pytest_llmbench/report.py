@@ -101,7 +101,7 @@ def write_report(path: str | Path, report: Mapping[str, Any]) -> None:
         raise ConfigError(f"--llm-report: cannot serialise the report for {path}: {exc}") from None
     tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # the plugin checked it at configure
         # same directory, so that os.replace is a rename within one filesystem
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -205,6 +205,13 @@ _RUN = (
     _f("exit_status", "integer|null", "pytest's exit status, after gates decided it"),
     _f("base_url", "string", "API base URL (never a key)", required=False),
     _f("simulator", "boolean", "whether the built-in simulator answered", required=False),
+    _f(
+        "origin",
+        "string",
+        "where the answers come from: `simulator` or the API base URL; stored answers and "
+        "cassettes are replayed only for the origin that gave them",
+        required=False,
+    ),
     _f(
         "prefetch",
         "object",

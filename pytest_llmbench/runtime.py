@@ -8,6 +8,7 @@ its own client lazily, on the first use of the ``llm`` fixture, so that ``pytest
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ import pytest
 
 from .client import CallContext, LLMClient, Response
 from .config import LLMConfig, build_config, resolve_settings
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, LLMCallError, StoreError
 
 if TYPE_CHECKING:
+    from .pricing import PriceTable
     from .results import CaseResult
     from .sim import Simulator
     from .store import ResponseStore
@@ -32,6 +34,15 @@ PHASE_ENV = "PYTEST_LLMBENCH_PHASE"
 
 MISSING_KEY = (
     "no OpenAI API key: set OPENAI_API_KEY, or add --llm-sim to run on the built-in simulator"
+)
+#: options that take a path: given as two arguments, pytest reads the value as a test path
+#: when it chooses rootdir (before any plugin's options are known)
+PATH_OPTIONS = (
+    "--llm-run-dir",
+    "--llm-report",
+    "--llm-prices",
+    "--llm-sim-config",
+    "--llm-cassette-dir",
 )
 
 
@@ -55,6 +66,12 @@ class CaseAccumulator:
     batch: bool = False
     model: str | None = None
     last_text: str | None = None
+
+    def add_error(self, error: LLMCallError) -> None:
+        """A call that failed for good still sent its requests (and met its 429s)."""
+        self.requests += error.attempts
+        self.retries += max(0, error.attempts - 1)
+        self.rate_limited += error.rate_limited
 
     def add(self, r: Response) -> None:
         self.calls += 1
@@ -96,6 +113,8 @@ class RunState:
     run_token: str = ""
     record_mode: str | None = None  # cassettes (cassettes.py); None: no cassettes
     cassette_dir: Path | None = None
+    prices: PriceTable | None = None  # --llm-prices, read at configure time
+    report_path: Path | None = None  # --llm-report, resolved and checked at configure time
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -125,11 +144,14 @@ class RunState:
             value = settings.get(f"llm_{knob}")
             if value is not None and value < 1:
                 raise pytest.UsageError(f"--llm-{knob}: must be at least 1, got {value}")
+        _check_rootdir_args(config)
         phase = os.environ.get(PHASE_ENV, "run")
         from .outcome import parse_gates
 
         gates = parse_gates(list(settings.get("llm_gate") or []))
         state = cls(config, settings, llm_config, sim_enabled, phase, gates=gates)
+        state.prices = _load_prices(settings.get("llm_prices"))
+        state.report_path = _report_path(config, settings.get("llm_report"))
         state.run_token = shared.get("run_token") or os.urandom(8).hex()
         if shared.get("run_started") is not None:
             state.started_at = float(shared["run_started"])
@@ -181,12 +203,16 @@ class RunState:
             "record_mode": self.record_mode,
         }
 
+    @property
+    def origin(self) -> str:
+        """Where this run's answers come from: the simulator, or the API's base URL."""
+        from .store import SIM_ORIGIN
+
+        return SIM_ORIGIN if self.sim_enabled else self.llm_config.endpoint
+
     def is_answered(self, key: str) -> bool:
         """Whether the store holds an answer this run may replay."""
-        if self.fresh_since is None:
-            return key in self.store
-        stored = self.store.get(key)
-        return stored is not None and stored.created_at >= self.fresh_since
+        return self.store.lookup(key, fresh_since=self.fresh_since) is not None
 
     def has_credentials(self) -> bool:
         # a replay from cassettes (record mode none) never sends a request
@@ -203,7 +229,7 @@ class RunState:
             from .store import ResponseStore
 
             try:
-                self._store = ResponseStore.open(self.llm_config.run_dir)
+                self._store = ResponseStore.open(self.llm_config.run_dir, origin=self.origin)
             except StoreError as exc:
                 raise pytest.UsageError(str(exc)) from None
         return self._store
@@ -224,9 +250,12 @@ class RunState:
             run_started=self.started_at,
             record=record,
             on_response=acc.add,
+            on_error=acc.add_error,
             batch_errors=(
                 self.llm_config.batch.enabled and self.llm_config.batch.fallback != "live"
             ),
+            run_token=self.run_token,
+            cassette_replay=self.record_mode == "none",
         )
         defaults = {} if temperature is None else {"temperature": temperature}
         return self.client.bind(context=context, **defaults)
@@ -245,6 +274,44 @@ class RunState:
         if self.sim is not None:
             self.sim.stop()
             self.sim = None
+
+
+def _check_rootdir_args(config: pytest.Config) -> None:
+    """Refuse ``--llm-run-dir /elsewhere`` (two arguments) in a project without an ini
+    file: pytest takes the value for a test path when it picks rootdir, so once the path
+    exists node ids (and with them every stored answer's key) change from run to run."""
+    if config.inipath is not None or getattr(config.option, "rootdir", None):
+        return
+    here = config.invocation_params.dir.resolve()
+    args = [str(a) for a in config.invocation_params.args]
+    for flag, value in itertools.pairwise(args):
+        if flag in PATH_OPTIONS and not (here / value).resolve().is_relative_to(here):
+            raise pytest.UsageError(
+                f"{flag}: without an ini file pytest reads {value} as a test path when it "
+                f"chooses rootdir, which changes node ids and stored answers; write "
+                f"{flag}={value}, or add a pytest.ini (or --rootdir)"
+            )
+
+
+def _load_prices(path: Path | None) -> PriceTable:
+    from .pricing import PriceTable
+
+    try:
+        return PriceTable.load(Path(path)) if path is not None else PriceTable()
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--llm-prices: {exc}") from None
+
+
+def _report_path(config: pytest.Config, given: Path | None) -> Path | None:
+    """Where the report goes; its directory must exist now, not after a paid run."""
+    if given is None:
+        return None
+    path = config.invocation_params.dir / Path(given)
+    if path.is_dir():
+        raise pytest.UsageError(f"--llm-report: {given} is a directory; name a file")
+    if not path.parent.is_dir():
+        raise pytest.UsageError(f"--llm-report: directory {path.parent} does not exist")
+    return path
 
 
 def _getini(config: pytest.Config, name: str) -> Any:

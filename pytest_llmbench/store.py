@@ -9,6 +9,14 @@ processes and records that ``kill -9`` cannot tear. SQLite has all that in the s
 library; JSONL would need a lock, a tolerant reader and an index of our own. With
 ``synchronous=FULL`` each put is one fsync'd WAL commit, so a put that returned survives a
 crash and even power loss, at 0.4 ms per put (2,500/s, measured on an ext4 VM disk).
+
+Every answer is filed under its **origin**, the server that gave it (``simulator`` for the
+built-in one, else the API's base URL): a handle opened for one origin never sees another's
+answers, so the simulator's answers can never be replayed as the real API's. Schema 1
+(before origins) is migrated in place: answers whose headers show the built-in simulator
+(``openai-organization: org-sim``) become ``simulator``'s, answers with OpenAI's own headers
+the public API's, and the rest ``unknown`` (kept, never replayed; ``--cache-clear``
+deletes them).
 """
 
 from __future__ import annotations
@@ -30,25 +38,35 @@ from typing import Any
 from .errors import StoreError
 
 __all__ = [
+    "DEFAULT_ORIGIN",
     "SCHEMA_VERSION",
+    "SIM_ORIGIN",
     "SOURCES",
     "STORE_FILENAME",
+    "Failure",
     "ResponseStore",
     "StoredResponse",
     "ensure_run_dir",
     "request_key",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STORE_FILENAME = "responses.sqlite3"
-SOURCES = frozenset({"live", "batch", "prefetch"})
+SOURCES = frozenset({"live", "batch", "prefetch", "cassette"})
+#: the origin of the built-in simulator's answers, whatever port it listened on
+SIM_ORIGIN = "simulator"
+#: the origin of a handle opened without one, and of schema-1 answers of unknown origin
+UNKNOWN_ORIGIN = "unknown"
+OPENAI_ORIGIN = "https://api.openai.com/v1"
+DEFAULT_ORIGIN = UNKNOWN_ORIGIN
 BUSY_TIMEOUT_S = 30.0
 _CHUNK = 500  # stays under SQLite's oldest limit of 999 bound parameters
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS responses (
-    key TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    origin TEXT NOT NULL,
     nodeid TEXT NOT NULL,
     ordinal INTEGER NOT NULL,
     endpoint TEXT NOT NULL,
@@ -58,11 +76,26 @@ CREATE TABLE IF NOT EXISTS responses (
     latency_s REAL NOT NULL,
     source TEXT NOT NULL,
     batch_id TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    rate_limited INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (key, origin)
 );
-CREATE INDEX IF NOT EXISTS responses_nodeid ON responses (nodeid);
+CREATE INDEX IF NOT EXISTS responses_nodeid ON responses (origin, nodeid);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL);
+CREATE TABLE IF NOT EXISTS failures (
+    key TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    source TEXT NOT NULL,
+    run TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    rate_limited INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (key, origin)
+);
 """
+_TABLES = ("meta", "responses", "responses_nodeid", "state", "failures")
 
 
 def request_key(nodeid: str, ordinal: int, endpoint: str, body: Mapping[str, Any]) -> str:
@@ -81,9 +114,10 @@ def request_key(nodeid: str, ordinal: int, endpoint: str, body: Mapping[str, Any
 
 @dataclass(frozen=True)
 class StoredResponse:
-    """One stored API response: the raw JSON body and what produced it."""
+    """One stored API response: the raw JSON body, what produced it and where from."""
 
     key: str
+    origin: str
     nodeid: str
     ordinal: int
     endpoint: str
@@ -94,6 +128,20 @@ class StoredResponse:
     source: str
     batch_id: str | None
     created_at: float
+    attempts: int = 1  # HTTP requests it took (retries included)
+    rate_limited: int = 0  # 429s on the way
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a request failed for good in one run (the Batch API's or the prefetch's
+    verdict); the run's tests fail that call with it instead of sending it again."""
+
+    reason: str
+    source: str  # "batch" or "prefetch"
+    run: str  # the run token of the run that recorded it
+    attempts: int = 0
+    rate_limited: int = 0
 
 
 _COLUMNS = ", ".join(field.name for field in fields(StoredResponse))  # the table's, in order
@@ -156,8 +204,9 @@ class ResponseStore:
     automatically.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, origin: str = DEFAULT_ORIGIN) -> None:
         self.path = Path(path)
+        self.origin = origin
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
@@ -165,12 +214,16 @@ class ResponseStore:
         self._conn()  # fail now, not at the first put, when the file is unusable
 
     @classmethod
-    def open(cls, run_dir: str | os.PathLike[str]) -> ResponseStore:
-        """Open (creating if needed) ``<run_dir>/responses.sqlite3``."""
-        return cls(ensure_run_dir(run_dir) / STORE_FILENAME)
+    def open(
+        cls, run_dir: str | os.PathLike[str], *, origin: str = DEFAULT_ORIGIN
+    ) -> ResponseStore:
+        """Open (creating if needed) ``<run_dir>/responses.sqlite3``, seeing the answers
+        of ``origin`` only (``simulator`` or the API's base URL)."""
+        return cls(ensure_run_dir(run_dir) / STORE_FILENAME, origin=origin)
 
     def __repr__(self) -> str:
-        return f"<ResponseStore {str(self.path)!r}{' closed' if self._closed else ''}>"
+        closed = " closed" if self._closed else ""
+        return f"<ResponseStore {str(self.path)!r} origin={self.origin!r}{closed}>"
 
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
@@ -228,9 +281,10 @@ class ResponseStore:
             try:
                 version = self._schema_version(conn)
                 if version is None:
+                    marks = ", ".join("?" * len(_TABLES))
                     foreign = conn.execute(
-                        "SELECT count(*) FROM sqlite_master WHERE name NOT IN "
-                        "('meta', 'responses', 'responses_nodeid', 'state')"
+                        f"SELECT count(*) FROM sqlite_master WHERE name NOT IN ({marks})",
+                        _TABLES,
                     ).fetchone()[0]
                     if foreign:
                         raise sqlite3.DatabaseError("a SQLite file of some other program")
@@ -246,6 +300,8 @@ class ResponseStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        if version == "1":
+            version = _migrate_v1(conn)
         if version != str(SCHEMA_VERSION):
             raise sqlite3.DatabaseError(
                 f"schema version {version!r}, this pytest-llmbench reads {SCHEMA_VERSION}"
@@ -281,8 +337,11 @@ class ResponseStore:
         source: str,
         batch_id: str | None = None,
         replace: bool = False,
+        attempts: int = 1,
+        rate_limited: int = 0,
     ) -> bool:
-        """Save one response; durable when this returns. Returns whether it was written.
+        """Save one response of this handle's origin; durable when this returns. Returns
+        whether it was written.
 
         The first write for a key wins: a later put for the same key changes nothing and
         returns False, so a duplicate fetch (a retry, two processes racing) cannot swap an
@@ -295,10 +354,11 @@ class ResponseStore:
             texts = _dumps(dict(request)), _dumps(dict(response))
         except (TypeError, ValueError) as exc:
             raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from None
-        row: tuple[object, ...] = (key, nodeid, ordinal, endpoint, *texts)
+        row: tuple[object, ...] = (key, self.origin, nodeid, ordinal, endpoint, *texts)
         row += (_dumps(_scrub_headers(headers)), float(latency_s), source, batch_id, time.time())
+        row += (int(attempts), int(rate_limited))
         verb = "INSERT OR REPLACE" if replace else "INSERT"
-        conflict = "" if replace else " ON CONFLICT (key) DO NOTHING"
+        conflict = "" if replace else " ON CONFLICT (key, origin) DO NOTHING"
         sql = f"{verb} INTO responses ({_COLUMNS}) VALUES ({', '.join('?' * len(row))}){conflict}"
         try:
             return self._conn().execute(sql, row).rowcount == 1
@@ -306,9 +366,19 @@ class ResponseStore:
             raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from exc
 
     def get(self, key: str) -> StoredResponse | None:
-        """The stored response for ``key``, or None."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM responses WHERE key = ?", (key,))
+        """The stored response for ``key`` (from this handle's origin), or None."""
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM responses WHERE key = ? AND origin = ?", (key, self.origin)
+        )
         return _decode(rows[0]) if rows else None
+
+    def lookup(self, key: str, *, fresh_since: float | None = None) -> StoredResponse | None:
+        """The answer a run may replay for ``key``: this origin's, and stored at or after
+        ``fresh_since`` when that is given (``--llm-fresh``, cassette modes)."""
+        stored = self.get(key)
+        if stored is not None and fresh_since is not None and stored.created_at < fresh_since:
+            return None
+        return stored
 
     def get_many(self, keys: Iterable[str]) -> dict[str, StoredResponse]:
         """The stored responses among ``keys``, by key (missing keys are left out)."""
@@ -318,7 +388,8 @@ class ResponseStore:
             chunk = wanted[start : start + _CHUNK]
             marks = ", ".join("?" * len(chunk))
             for row in self._query(
-                f"SELECT {_COLUMNS} FROM responses WHERE key IN ({marks})", chunk
+                f"SELECT {_COLUMNS} FROM responses WHERE origin = ? AND key IN ({marks})",
+                [self.origin, *chunk],
             ):
                 stored = _decode(row)
                 if stored is not None:
@@ -327,25 +398,70 @@ class ResponseStore:
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(
-            self._query("SELECT 1 FROM responses WHERE key = ?", (key,))
+            self._query("SELECT 1 FROM responses WHERE key = ? AND origin = ?", (key, self.origin))
         )
 
     def __len__(self) -> int:
-        return int(self._query("SELECT count(*) FROM responses")[0][0])
+        """Answers of this handle's origin."""
+        sql = "SELECT count(*) FROM responses WHERE origin = ?"
+        return int(self._query(sql, (self.origin,))[0][0])
 
     def nodeids(self, since: float | None = None) -> set[str]:
-        """Node ids with at least one stored answer (created at or after ``since``)."""
-        if since is None:
-            rows = self._query("SELECT DISTINCT nodeid FROM responses")
-        else:
-            rows = self._query(
-                "SELECT DISTINCT nodeid FROM responses WHERE created_at >= ?", (since,)
-            )
+        """Node ids with at least one answer of this origin (created at or after ``since``)."""
+        rows = self._query(
+            "SELECT DISTINCT nodeid FROM responses WHERE origin = ? AND created_at >= ?",
+            (self.origin, -1.0 if since is None else since),
+        )
         return {row[0] for row in rows}
 
     def keys(self) -> list[str]:
-        """Every stored key, oldest first."""
-        return [row[0] for row in self._query("SELECT key FROM responses ORDER BY rowid")]
+        """Every key stored for this origin, oldest first."""
+        sql = "SELECT key FROM responses WHERE origin = ? ORDER BY rowid"
+        return [row[0] for row in self._query(sql, (self.origin,))]
+
+    def origins(self) -> dict[str, int]:
+        """How many answers each origin has (every origin, not only this handle's)."""
+        rows = self._query("SELECT origin, count(*) FROM responses GROUP BY origin")
+        return {str(origin): int(n) for origin, n in rows}
+
+    # ------------------------------------------------------------------ failures
+    def record_failures(self, failures: Mapping[str, Failure]) -> None:
+        """Save why requests failed for good in this run (replacing earlier verdicts)."""
+        now = time.time()
+        rows = [
+            (key, self.origin, f.reason, f.source, f.run, f.attempts, f.rate_limited, now)
+            for key, f in failures.items()
+        ]
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def failure(self, key: str) -> Failure | None:
+        """The recorded failure of ``key`` for this origin, or None."""
+        rows = self._query(
+            "SELECT reason, source, run, attempts, rate_limited FROM failures "
+            "WHERE key = ? AND origin = ?",
+            (key, self.origin),
+        )
+        if not rows:
+            return None
+        reason, source, run, attempts, rate_limited = rows[0]
+        return Failure(str(reason), str(source), str(run), int(attempts), int(rate_limited))
+
+    def clear_failures(self, source: str | None = None) -> None:
+        """Forget recorded failures (of one source, or all): they are asked again."""
+        if source is None:
+            self._query("DELETE FROM failures")
+        else:
+            self._query("DELETE FROM failures WHERE source = ?", (source,))
 
     def clear(self) -> None:
         """Delete every stored response and every state entry (the file stays)."""
@@ -354,6 +470,7 @@ class ResponseStore:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("DELETE FROM responses")
             conn.execute("DELETE FROM state")
+            conn.execute("DELETE FROM failures")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -400,11 +517,72 @@ class ResponseStore:
 
 
 def _decode(row: tuple[Any, ...]) -> StoredResponse | None:
-    key, nodeid, ordinal, endpoint, *texts, latency, source, batch_id, created_at = row
+    key, origin, nodeid, ordinal, endpoint, *texts = row[:8]
+    latency, source, batch_id, created_at, attempts, rate_limited = row[8:]
     try:
         request, response, headers = (json.loads(text) for text in texts)
     except (TypeError, ValueError):
         # SQLite commits are atomic, so this needs a file edited by hand; treat as absent.
         return None
     fields = (request, response, headers, latency, source, batch_id, created_at)
-    return StoredResponse(key, nodeid, ordinal, endpoint, *fields)
+    return StoredResponse(
+        key, origin, nodeid, ordinal, endpoint, *fields, int(attempts), int(rate_limited)
+    )
+
+
+# ---------------------------------------------------------------------- migration
+_V1_COLUMNS = "key, nodeid, ordinal, endpoint, request, response, headers, latency_s, source, "
+_V1_COLUMNS += "batch_id, created_at"
+#: what schema 1 kept in fake headers, now real columns
+_V1_ATTEMPTS, _V1_LIMITED = "x-llmbench-attempts", "x-llmbench-rate-limited"
+
+
+def legacy_origin(headers: Mapping[str, Any]) -> str:
+    """Where a schema-1 answer came from, as far as its response headers tell."""
+    organization = str(headers.get("openai-organization", ""))
+    if organization == "org-sim":
+        return SIM_ORIGIN  # the built-in simulator names itself so
+    if "openai-version" in headers or "cf-ray" in headers:
+        return OPENAI_ORIGIN
+    return UNKNOWN_ORIGIN
+
+
+def _migrate_v1(conn: sqlite3.Connection) -> str:
+    """Schema 1 -> 2 in one transaction: origins, attempts and 429s as columns, failures
+    in their own table (schema 1 kept the Batch API's in ``state``)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        if current is not None and str(current[0]) != "1":  # another process migrated it
+            conn.execute("COMMIT")
+            return str(current[0])
+        conn.execute("ALTER TABLE responses RENAME TO responses_v1")
+        conn.execute("DROP INDEX IF EXISTS responses_nodeid")
+        for statement in _SCHEMA.split(";"):
+            conn.execute(statement)
+        insert = f"INSERT OR IGNORE INTO responses ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"
+        for row in conn.execute(f"SELECT {_V1_COLUMNS} FROM responses_v1 ORDER BY rowid"):
+            conn.execute(insert, _v1_row(row))
+        conn.execute("DROP TABLE responses_v1")
+        conn.execute("DELETE FROM state WHERE name LIKE 'batch:error%'")
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", ("2",))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return "2"
+
+
+def _v1_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    key, nodeid, ordinal, endpoint, request, response, headers_text = row[:7]
+    try:
+        headers = json.loads(headers_text)
+    except (TypeError, ValueError):
+        headers = {}
+    headers = headers if isinstance(headers, dict) else {}
+    attempts = int(headers.pop(_V1_ATTEMPTS, 1) or 1)
+    limited = int(headers.pop(_V1_LIMITED, 0) or 0)
+    origin = legacy_origin(headers)
+    head = (key, origin, nodeid, ordinal, endpoint, request, response, _dumps(headers))
+    return (*head, *row[7:], attempts, limited)

@@ -133,7 +133,8 @@ class Bench:
         return list(reversed(self.api.batches.list(limit=100).data))
 
     def store(self) -> ResponseStore:
-        return ResponseStore.open(self.path / ".llmbench")
+        # answers are filed under the server that gave them: the simulator's base URL here
+        return ResponseStore.open(self.path / ".llmbench", origin=self.sim.base_url)
 
     def stored_by_batch(self) -> dict[str | None, int]:
         with self.store() as store:

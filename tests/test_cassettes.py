@@ -66,6 +66,15 @@ def listener() -> Iterator[socket.socket]:
         yield sock
 
 
+def counting_listener(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
 def connections(sock: socket.socket) -> int:
     count = 0
     while True:
@@ -112,12 +121,18 @@ def test_record_then_replay_offline(
     )
     text = "\n".join(p.read_text() for p in folder.iterdir())
     assert text.count("- request:") == 12
-    for secret in ("authorization", "x-stainless", "openai-organization", "org-sim", "127.0.0"):
+    for secret in ("authorization", "x-stainless", "openai-organization", "org-sim"):
         assert secret not in text.lower()
+    # the server the answers came from is recorded: a replay is only for that server
+    assert text.count(f"uri: {sim.base_url}/chat/completions") == 12
 
-    # When the simulator is gone, the key unset, and the base URL a port that only counts
+    # When the simulator is gone, the key unset, and its port taken by a listener that
+    # only counts connections (the same base URL: the cassettes' origin)
+    port = sim.port
     sim.stop()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    listener.close()
+    listener = counting_listener(port)
+    url = f"http://127.0.0.1:{port}/v1"
     # (were anything sent, it would wait for an answer: bounded, so a failure is quick)
     fail_fast = ("--llm-timeout", "5", "--llm-max-retries", "0")
     result = pytester.runpytest("--llm-base-url", url, *fail_fast, "--llm-report", "rep.json")
@@ -128,6 +143,7 @@ def test_record_then_replay_offline(
     assert cases(pytester.path / "rep.json") == cases(pytester.path / "rec.json")
     assert len(cases(pytester.path / "rep.json")) == 6
     assert connections(listener) == 0
+    listener.close()
     assert files_containing(pytester.path, KEY) == []
     assert files_containing(pytester.path, KEY[:20]) == []
 
@@ -193,9 +209,11 @@ def test_xdist_record_and_replay_with_cassette_dir(
     recorded.assert_outcomes(passed=4, failed=2)
     assert len(list((pytester.path / "recorded" / "test_suite").glob("*.yaml"))) == 6
     assert not (pytester.path / "cassettes").exists()
+    url = sim.base_url
     sim.stop()
-    # the environment names the directory; no base URL: the default API host, never reached
+    # the environment names the directory and the server the cassettes were recorded on
     monkeypatch.setenv("LLMBENCH_CASSETTE_DIR", "recorded")
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
     result = pytester.runpytest("-n", "2", "--llm-max-retries", "0", "--llm-report", "b.json")
     result.assert_outcomes(passed=4, failed=2)
     assert cases(pytester.path / "b.json") == cases(pytester.path / "a.json")

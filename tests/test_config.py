@@ -99,10 +99,10 @@ def test_missing_key_is_one_line(pytester: pytest.Pytester) -> None:
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: no OpenAI API key: set OPENAI_API_KEY, or add --llm-sim*"])
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
-    # without the plan phase, the first test that asks for `llm` stops the run the same way
+    # without the plan phase, the run stops the same way (one form for every usage error)
     result = pytester.runpytest("--llm-no-prefetch")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stdout.fnmatch_lines(["*no OpenAI API key: set OPENAI_API_KEY, or add --llm-sim*"])
+    result.stderr.fnmatch_lines(["ERROR: no OpenAI API key: set OPENAI_API_KEY, or add --llm-sim*"])
 
 
 def test_key_is_secret() -> None:

@@ -56,12 +56,17 @@ def open_budget(
     ``url`` None, ``""`` or ``"file"`` gives a :class:`FileBudget` at
     ``run_dir/budget-<key>.json``; ``redis://host:port/db`` (also ``rediss://``,
     ``unix://``) a :class:`RedisBudget`. With ``rpm`` and ``tpm`` both None the budget
-    starts unlimited and learns the limits from the response headers.
+    starts unlimited and learns the limits from the response headers. ``"none"`` paces
+    nothing (a cassette replay, a server without limits).
     """
+    if url == "none":
+        return NullBudget()
     if url in (None, "", "file"):
         path = Path(run_dir) / f"budget-{safe_name(key)}.json"
         return FileBudget(path, rpm=rpm, tpm=tpm, burst_seconds=burst_seconds)
     assert url is not None
     if url.startswith(_REDIS_SCHEMES):
         return RedisBudget(url, key=key, rpm=rpm, tpm=tpm, burst_seconds=burst_seconds)
-    raise BudgetError(f"unknown budget {mask_url(url)!r}: use 'file' or a redis://host:port/db URL")
+    raise BudgetError(
+        f"unknown budget {mask_url(url)!r}: use 'file', 'none' or a redis://host:port/db URL"
+    )
