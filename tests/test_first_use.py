@@ -18,7 +18,7 @@ import pytest
 
 from pytest_llmbench import ConfigError, LLMClient, LLMConfig
 from pytest_llmbench.sim import SimConfig, Simulator
-from pytest_llmbench.store import SIM_ORIGIN, ResponseStore
+from pytest_llmbench.store import ResponseStore
 
 from .test_plugin import answer_key, make_suite, read_report
 
@@ -146,7 +146,7 @@ def test_a_store_of_schema_1_is_migrated_with_origins(tmp_path: Path) -> None:
     conn.close()
 
     # When the new version opens it, each answer keeps the origin its headers show
-    with ResponseStore.open(run_dir, origin=SIM_ORIGIN) as store:
+    with ResponseStore.open(run_dir, origin="simulator") as store:
         assert store.keys() == ["sim"]
         stored = store.get("sim")
         assert stored is not None and stored.attempts == 3
@@ -314,10 +314,10 @@ def test_x(case, llm):
     assert "During handling" not in text
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_no_key_is_one_usage_error(pytester: pytest.Pytester, workers: str) -> None:
+@pytest.mark.parametrize("args", [["-n", "0"], ["-n", "2"], ["-n", "2", "--llm-no-prefetch"]])
+def test_no_key_is_one_usage_error(pytester: pytest.Pytester, args: list[str]) -> None:
     make_suite(pytester, 2)
-    result = pytester.runpytest("-n", workers)
+    result = pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     text = output(result)
     assert "ERROR: no OpenAI API key: set OPENAI_API_KEY, or add --llm-sim" in text
