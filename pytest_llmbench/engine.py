@@ -228,25 +228,35 @@ def llm_nodeids(items: Iterable[pytest.Item]) -> list[str]:
     return [item.nodeid for item in keep]
 
 
+def calls_model(items: Iterable[pytest.Item]) -> bool:
+    """Whether any item uses ``llm`` (planned or not): then the run needs a key."""
+    return any("llm" in getattr(item, "fixturenames", ()) for item in items)
+
+
 def _flag_path(state: RunState, workerid: str) -> Path:
     return state.llm_config.run_dir / f"collected-{state.run_token}-{workerid}.json"
 
 
-def write_collection_flag(config: pytest.Config, state: RunState, nodeids: list[str]) -> None:
+def write_collection_flag(
+    config: pytest.Config, state: RunState, nodeids: list[str], calls: bool
+) -> None:
     from .store import ensure_run_dir
 
     ensure_run_dir(state.llm_config.run_dir)
     workerid = getattr(config, "workerinput", {}).get("workerid", "main")
-    _flag_path(state, workerid).write_text(json.dumps(nodeids), encoding="utf-8")
+    data = {"plan": nodeids, "calls": calls}
+    _flag_path(state, workerid).write_text(json.dumps(data), encoding="utf-8")
 
 
-def read_collection_flag(state: RunState, workerid: str) -> list[str] | None:
-    """The node ids a worker would plan; None when unknown (then plan everything)."""
+def read_collection_flag(state: RunState, workerid: str) -> tuple[list[str] | None, bool]:
+    """The node ids a worker would plan (None when unknown: then plan everything), and
+    whether any of its tests calls the model (True when unknown)."""
     try:
         data = json.loads(_flag_path(state, workerid).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return [str(n) for n in data] if isinstance(data, list) else None
+        nodeids = [str(n) for n in data["plan"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, True
+    return nodeids, bool(data.get("calls", True))
 
 
 def remove_collection_flags(state: RunState) -> None:

@@ -122,10 +122,10 @@ class XdistHooks:
         self.planned = True
         from .engine import maybe_prefetch, read_collection_flag, runs_tests
 
-        nodeids = read_collection_flag(self.state, node.workerinput["workerid"])
+        nodeids, calls = read_collection_flag(self.state, node.workerinput["workerid"])
+        if calls and runs_tests(node.config):
+            self.state.check_credentials()
         if nodeids is None or nodeids:
-            if runs_tests(node.config):
-                self.state.check_credentials()
             maybe_prefetch(node.config, self.state, nodeids)
 
 
@@ -376,15 +376,23 @@ class RunHooks:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         if self.state.phase != "run":
             return
-        from .engine import llm_nodeids, maybe_prefetch, runs_tests, write_collection_flag
+        from .engine import (
+            calls_model,
+            llm_nodeids,
+            maybe_prefetch,
+            runs_tests,
+            write_collection_flag,
+        )
 
         nodeids = llm_nodeids(session.items)
+        calls = calls_model(session.items)
         if is_worker(self.config):
             # tell the controller, which never collects, what there is to plan
-            write_collection_flag(self.config, self.state, nodeids)
-        elif nodeids:
-            if runs_tests(self.config):
-                self.state.check_credentials()
+            write_collection_flag(self.config, self.state, nodeids, calls)
+            return
+        if calls and runs_tests(self.config):
+            self.state.check_credentials()
+        if nodeids:
             maybe_prefetch(self.config, self.state, nodeids)
 
     @pytest.hookimpl(tryfirst=True)

@@ -314,9 +314,31 @@ def test_x(case, llm):
     assert "During handling" not in text
 
 
-@pytest.mark.parametrize("args", [["-n", "0"], ["-n", "2"], ["-n", "2", "--llm-no-prefetch"]])
-def test_no_key_is_one_usage_error(pytester: pytest.Pytester, args: list[str]) -> None:
-    make_suite(pytester, 2)
+NOT_PLANNED = """
+import pytest
+
+@pytest.mark.llmbench(dataset=[{"qid": "a", "q": "hi"}], id="qid", plan=False)
+def test_live(case, llm):
+    llm.generate_response(case["q"])
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "suite"),
+    [
+        (["-n", "0"], None),
+        (["-n", "2"], None),
+        (["-n", "2", "--llm-no-prefetch"], None),
+        (["-n", "2"], NOT_PLANNED),
+    ],
+)
+def test_no_key_is_one_usage_error(
+    pytester: pytest.Pytester, args: list[str], suite: str | None
+) -> None:
+    if suite is None:
+        make_suite(pytester, 2)
+    else:
+        pytester.makepyfile(test_suite=suite)
     result = pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     text = output(result)
