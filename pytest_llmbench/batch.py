@@ -41,7 +41,7 @@ from .retry import BackoffPolicy, describe, is_retryable
 if TYPE_CHECKING:
     import openai
 
-    from .engine import PlannedRequest
+    from .plan import PlannedRequest
     from .pricing import PriceTable
     from .results import CaseResult
     from .runtime import RunState
@@ -565,7 +565,7 @@ def clear_errors(store: ResponseStore) -> None:
 
 
 def _planned(key: str, row: list[Any]) -> PlannedRequest:
-    from .engine import PlannedRequest
+    from .plan import PlannedRequest
 
     nodeid, ordinal, endpoint, body = row
     return PlannedRequest(key, nodeid, int(ordinal), endpoint, body)

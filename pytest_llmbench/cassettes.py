@@ -107,11 +107,11 @@ def any_cassettes(config: pytest.Config, cassette_dir: Path | None) -> bool:
 
 def configure(config: pytest.Config, state: RunState, shared: dict[str, Any]) -> None:
     """Decide the run's record mode (the controller; children inherit it) and its effects."""
-    given = state.settings.get("llm_cassette_dir")
+    given = state.options.cassette_dir
     if given is not None:
         state.cassette_dir = given if given.is_absolute() else config.rootpath / given
     controller = not hasattr(config, "workerinput") and state.phase == "run"
-    mode = shared.get("record_mode", state.settings.get("llm_record_mode"))
+    mode = shared.get("record_mode", state.options.record_mode)
     if "record_mode" not in shared:
         # precedence: an explicit mode; else replay when there is no key, no simulator,
         # and cassettes to play; else no cassettes at all

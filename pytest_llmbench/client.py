@@ -10,11 +10,13 @@ attempt counts against the limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
     from .store import ResponseStore, StoredResponse
 
 T = TypeVar("T")
-R = TypeVar("R")
 ENDPOINT = "/v1/chat/completions"
 MISSING_KEY = "no OpenAI API key: set OPENAI_API_KEY, or pass LLMConfig(api_key=...)"
 Messages = Sequence[Mapping[str, Any]]
@@ -428,23 +429,53 @@ class LLMClient:
         missing = [i for i, r in enumerate(results) if r is None]
         fetched = set(missing)
         self._maybe_record([(keys[i], bodies[i]) for i in missing])
+
+        def answered(i: int, answer: Answer) -> None:
+            self._save(keys[i], bodies[i], answer)
+            results[i] = self._finish(keys[i], bodies[i], answer)
+
+        def failed(i: int, error: LLMCallError) -> None:
+            self.stats.add(bodies[i]["model"], errors=1)
+            self._failed(error)
+            results[i] = Response.failed(bodies[i], str(error), keys[i])
+
         if missing:
-            savers = [self._saver(keys[i], bodies[i]) for i in missing]
-            answers = asyncio.run(
-                self._shared.gather([bodies[i] for i in missing], self.stats, savers)
-            )
-            for i, answer in zip(missing, answers, strict=True):
-                if isinstance(answer, LLMCallError):
-                    self.stats.add(bodies[i]["model"], errors=1)
-                    self._failed(answer)
-                    results[i] = Response.failed(bodies[i], str(answer), keys[i])
-                else:
-                    results[i] = self._finish(keys[i], bodies[i], answer)
+            asyncio.run(self.arun(missing, lambda i: bodies[i], answered, failed))
         out = [r for r in results if r is not None]
         for i, r in enumerate(out):
             if i not in fetched:
                 self._notify(r)
         return out
+
+    async def arun(
+        self,
+        items: Iterable[T] | AsyncIterable[T],
+        body: Callable[[T], dict[str, Any]],
+        on_answer: Callable[[T, Answer], None],
+        on_error: Callable[[T, LLMCallError], None],
+        *,
+        scope: Callable[[T], AbstractContextManager[None]] | None = None,
+    ) -> None:
+        """Send the request ``body(item)`` of every item concurrently, within the budget.
+
+        The one concurrent path of the package (``batch_generate``, the prefetch, the
+        cassette fetch stage): it owns one ``AsyncOpenAI`` for the run, keeps at most
+        ``max_concurrency`` requests in flight, and with no limits configured sends the
+        first request alone, so the budget learns the account's limits from its headers
+        before the rest are paced (instead of a first unpaced wave meeting a wall of 429s).
+        ``items`` may be an async iterable that is still growing (planning streams into
+        fetching). ``on_answer(item, answer)`` runs the moment an answer arrives, before
+        any bookkeeping (save it there); ``on_error(item, error)`` when a request failed
+        for good. ``scope(item)`` wraps the sending of one item (cassettes file requests
+        under their case with it).
+        """
+        await _Runner(self, body, on_answer, on_error, scope).run(items)
+
+    def openai_client(self, *, timeout: float | None = None) -> openai.OpenAI:
+        """The shared synchronous SDK client (SDK retries off), for the endpoints this
+        client does not wrap (files, batches). Raises ConfigError without a key."""
+        client = self._shared.sync_client()
+        return client if timeout is None else client.with_options(timeout=timeout)
 
     def _maybe_record(self, pending: list[tuple[str | None, dict[str, Any]]]) -> None:
         ctx = self.context
@@ -460,16 +491,88 @@ class LLMClient:
         return {m: s.usage for m, s in self.stats.by_model.items()}
 
 
-OnAnswer = Callable[["_RawAnswer"], None]
-
-
 @dataclass
-class _RawAnswer:
+class Answer:
+    """A raw answer as it arrived: the JSON body, the response headers, and what it took."""
+
     body: dict[str, Any]
     headers: dict[str, str]
     latency: float
     attempts: int
     rate_limited: int = 0
+
+
+OnAnswer = Callable[[Answer], None]
+_RawAnswer = Answer  # the name the attempt code uses
+
+
+_END = object()  # the end of a runner's queue
+
+
+class _Runner:
+    """The state of one :meth:`LLMClient.arun`: queue, workers, slow start."""
+
+    def __init__(
+        self,
+        client: LLMClient,
+        body: Callable[[Any], dict[str, Any]],
+        on_answer: Callable[[Any, Answer], None],
+        on_error: Callable[[Any, LLMCallError], None],
+        scope: Callable[[Any], AbstractContextManager[None]] | None,
+    ) -> None:
+        self.client = client
+        self.body, self.on_answer, self.on_error, self.scope = body, on_answer, on_error, scope
+        self.workers = client.config.max_concurrency
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.learned = asyncio.Event()  # set: the rest may go (limits known or learned)
+        if client.config.rpm is not None or client.config.tpm is not None:
+            self.learned.set()
+        self.first_sent = False
+
+    async def run(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+        import openai
+
+        shared = self.client._shared
+        aclient = openai.AsyncOpenAI(**shared.client_kwargs())
+        try:
+            workers = [self.work(aclient) for _ in range(self.workers)]
+            await asyncio.gather(self.feed(items), *workers)
+        finally:
+            await aclient.close()
+
+    async def feed(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+        try:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    self.queue.put_nowait(item)
+            else:
+                for item in items:
+                    self.queue.put_nowait(item)
+        finally:
+            for _ in range(self.workers):
+                self.queue.put_nowait(_END)
+
+    async def work(self, aclient: openai.AsyncOpenAI) -> None:
+        while (item := await self.queue.get()) is not _END:
+            if not self.learned.is_set():
+                if self.first_sent:
+                    await self.learned.wait()
+                self.first_sent = True  # this one goes alone
+            try:
+                await self.send(aclient, item)
+            finally:
+                self.learned.set()
+
+    async def send(self, aclient: openai.AsyncOpenAI, item: Any) -> None:
+        shared, stats = self.client._shared, self.client.stats
+        scope = self.scope(item) if self.scope is not None else contextlib.nullcontext()
+        try:
+            with scope:
+                await shared.asend(
+                    self.body(item), stats, aclient, lambda a: self.on_answer(item, a)
+                )
+        except LLMCallError as exc:
+            self.on_error(item, exc)
 
 
 class _Shared:
@@ -488,7 +591,7 @@ class _Shared:
         )
 
     # -- resources
-    def _client_kwargs(self) -> dict[str, Any]:
+    def client_kwargs(self) -> dict[str, Any]:
         if self.config.api_key is None:
             # never send a made-up key: the server's 401 would blame a key that was set
             raise ConfigError(MISSING_KEY)
@@ -506,7 +609,7 @@ class _Shared:
             if self._sync is None:
                 import openai
 
-                self._sync = openai.OpenAI(**self._client_kwargs())
+                self._sync = openai.OpenAI(**self.client_kwargs())
             return self._sync
 
     def budget(self, model: str) -> Budget:
@@ -586,7 +689,7 @@ class _Shared:
 
         call = self._call(body, stats, on_answer)
         own = client is None
-        aclient = client or openai.AsyncOpenAI(**self._client_kwargs())
+        aclient = client or openai.AsyncOpenAI(**self.client_kwargs())
         try:
             async for attempt in AsyncRetrying(**self._retrying_kwargs(call.est)):
                 with attempt:
@@ -604,48 +707,6 @@ class _Shared:
             if own:
                 await aclient.close()
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def gather(
-        self,
-        bodies: Sequence[dict[str, Any]],
-        stats: ClientStats,
-        savers: Sequence[OnAnswer | None] | None = None,
-    ) -> list[_RawAnswer | LLMCallError]:
-        """Send many bodies concurrently, bounded by ``max_concurrency``; order kept.
-
-        ``savers[i]`` is called with answer ``i`` the moment it arrives."""
-        import openai
-
-        gate = asyncio.Semaphore(self.config.max_concurrency)
-        aclient = openai.AsyncOpenAI(**self._client_kwargs())
-        hooks = list(savers) if savers is not None else [None] * len(bodies)
-
-        async def one(i: int) -> _RawAnswer | LLMCallError:
-            async with gate:
-                try:
-                    return await self.asend(bodies[i], stats, aclient, hooks[i])
-                except LLMCallError as exc:
-                    return exc
-
-        try:
-            return await self.slow_start(list(range(len(bodies))), one)
-        finally:
-            await aclient.close()
-
-    async def slow_start(self, items: Sequence[T], one: Callable[[T], Awaitable[R]]) -> list[R]:
-        """Run ``one`` over ``items`` concurrently, keeping order.
-
-        With no limits configured, the first request goes alone: the budget learns the
-        account's limits from its ``x-ratelimit-*`` headers before the rest are paced,
-        instead of a first unpaced wave meeting a wall of 429s.
-        """
-        if not items:
-            return []
-        if self.config.rpm is None and self.config.tpm is None:
-            first = await one(items[0])
-            rest = await asyncio.gather(*(one(i) for i in items[1:]))
-            return [first, *rest]
-        return list(await asyncio.gather(*(one(i) for i in items)))
 
 
 @dataclass

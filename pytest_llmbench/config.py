@@ -345,15 +345,6 @@ OPTIONS: tuple[Option, ...] = (
         int,
         metavar="N",
     ),
-    Option(
-        "llm_batch_max_requests",
-        None,
-        "LLMBENCH_BATCH_MAX_REQUESTS",
-        None,
-        "requests per batch input file at most (lower only for tests)",
-        int,
-        default="`50000`",
-    ),
     # plugin-only settings
     Option(
         "batch_api",
@@ -493,6 +484,56 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
+
+#: not options: knobs for this project's own tests, read from the environment only
+BATCH_MAX_REQUESTS_ENV = "LLMBENCH_BATCH_MAX_REQUESTS"  # requests per batch file (50,000)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The plugin's own settings (those not in :class:`LLMConfig`), parsed once.
+
+    Field names are the option destinations less ``llm_``; ``None`` means not given.
+    """
+
+    sim: bool = False
+    temperatures: tuple[float, ...] | None = None
+    limit: int | None = None
+    sample: int | None = None
+    seed: str | None = None
+    no_prefetch: bool = False
+    fresh: bool = False
+    record_mode: str | None = None
+    cassette_dir: Path | None = None
+    report: Path | None = None
+    gate: tuple[str, ...] = ()
+    prices: Path | None = None
+    sim_config: Path | None = None
+    batch_max_requests: int | None = None
+
+    @classmethod
+    def from_resolved(
+        cls, settings: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ) -> RunSettings:
+        """From :func:`resolve_settings` output (and the environment's test knobs)."""
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            if option.field is not None or option.dest not in settings:
+                continue
+            value = settings[option.dest]
+            values[option.dest.removeprefix("llm_")] = (
+                tuple(value) if isinstance(value, list) else value
+            )
+        for knob in ("limit", "sample"):
+            if values.get(knob) is not None and values[knob] < 1:
+                raise ConfigError(f"--llm-{knob}: must be at least 1, got {values[knob]}")
+        raw = (os.environ if env is None else env).get(BATCH_MAX_REQUESTS_ENV, "")
+        if raw:
+            try:
+                values["batch_max_requests"] = max(1, int(raw))
+            except ValueError:
+                raise ConfigError(f"{BATCH_MAX_REQUESTS_ENV}: not a number: {raw!r}") from None
+        return cls(**values)
 
 
 def _parse(option: Option, raw: Any, origin: str) -> Any:

@@ -4,12 +4,8 @@ pytest runs one test at a time per process, so ``-n 8`` alone keeps at most 8 re
 flight. Instead, before any worker starts, the controlling process:
 
 1. **plans**: runs the same pytest invocation in a subprocess with
-   ``PYTEST_LLMBENCH_PHASE=plan``. There the ``llm`` fixture records each request that is
-   not stored yet and stops the test with :class:`LLMPending` (a BaseException, so a
-   test's ``except Exception`` cannot swallow it). ``--lf``, ``-k``, ``-m`` and
-   ``--deselect`` select exactly what the real run will, because the subprocess gets the
-   same arguments and a copy of the cache directory (its writes go to the copy, so the
-   real ``--lf`` state is never touched).
+   ``PYTEST_LLMBENCH_PHASE=plan`` (``plan.py``), which records each request that is not
+   stored yet.
 2. **fetches** every planned request concurrently, paced by the shared budget, saving each
    answer the moment it arrives (live), or through the Batch API (``batch.py``).
 3. lets the real session **replay**: the tests find their answers stored. Calls the plan
@@ -19,268 +15,45 @@ flight. Instead, before any worker starts, the controlling process:
 
 from __future__ import annotations
 
-import json
-import os
+import asyncio
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .runtime import PHASE_ENV, is_worker
+from .cassettes import case_scope, fetch_cassette
+from .errors import LLMCallError
+from .plan import (
+    PLAN_OK,
+    PlannedRequest,
+    SpoolReader,
+    plan_command,
+    plan_failed,
+    run_plan,
+    runs_tests,
+)
+from .progress import Progress
+from .runtime import is_worker
+from .store import Failure
 
 if TYPE_CHECKING:
+    from .client import Answer
     from .runtime import RunState
-
-SPOOL_ENV = "PYTEST_LLMBENCH_SPOOL"
-SHARED_ENV = "PYTEST_LLMBENCH_SHARED"
-ONLY_ENV = "PYTEST_LLMBENCH_PLAN_ONLY"
-#: exit statuses of a plan run that mean "planned": tests failing or none selected is fine
-PLAN_OK = (0, 1, 5)
-
-
-@dataclass(frozen=True)
-class PlannedRequest:
-    key: str
-    nodeid: str
-    ordinal: int
-    endpoint: str
-    body: dict[str, Any]
-
-
-# ------------------------------------------------------------------------ plan phase
-def plan_recorder(config: pytest.Config) -> Callable[[str, str, int, str, dict[str, Any]], None]:
-    """The ``record`` callback of the plan phase: one JSON line per unanswered request."""
-    path = Path(os.environ[SPOOL_ENV])
-
-    def record(key: str, nodeid: str, ordinal: int, endpoint: str, body: dict[str, Any]) -> None:
-        row = {"key": key, "nodeid": nodeid, "ordinal": ordinal, "endpoint": endpoint, "body": body}
-        line = json.dumps(row, sort_keys=True)
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-
-    return record
-
-
-def plan_filter(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
-    """In the plan phase only tests that use ``llm`` and did not opt out run (and, when
-    the controller passed a list, only those without stored answers)."""
-    keep: list[pytest.Item] = []
-    drop: list[pytest.Item] = []
-    only_file = os.environ.get(ONLY_ENV)
-    only = set(json.loads(Path(only_file).read_text(encoding="utf-8"))) if only_file else None
-    for item in items:
-        if only is not None and item.nodeid not in only:
-            drop.append(item)
-            continue
-        marker = item.get_closest_marker("llmbench")
-        opted_out = marker is not None and marker.kwargs.get("plan", True) is False
-        uses_llm = "llm" in getattr(item, "fixturenames", ())
-        (keep if uses_llm and not opted_out else drop).append(item)
-    return keep, drop
-
-
-def read_spool(path: Path) -> list[PlannedRequest]:
-    """Planned requests, deduplicated by key, in the order they were recorded (a torn
-    last line of a killed plan run is skipped: that test is simply not prefetched)."""
-    return SpoolReader(path).read_new()
-
-
-def _plan_command(
-    config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None
-) -> tuple[list[str], dict[str, str], Path, Path]:
-    """The plan subprocess's command line and environment, its spool file and its log."""
-    spool = workdir / "plan.jsonl"
-    spool.unlink(missing_ok=True)
-    only_file = workdir / "plan-only.json"
-    only_file.unlink(missing_ok=True)
-    if only is not None:
-        only_file.write_text(json.dumps(sorted(only)), encoding="utf-8")
-    args = list(config.invocation_params.args)
-    cache_copy = workdir / "cache"
-    shutil.rmtree(cache_copy, ignore_errors=True)
-    cachedir = _cache_dir(config)
-    if cachedir is not None and cachedir.exists():
-        shutil.copytree(cachedir, cache_copy)
-    extra = [
-        "--maxfail=0",
-        "-q",
-        "-p",
-        "no:randomly",
-        "--no-header",
-        "-rN",
-        f"--basetemp={workdir / 'tmp'}",
-    ]
-    if not any(str(a).startswith("--rootdir") for a in args):
-        # the same node ids as this process, whatever else the arguments name
-        extra.append(f"--rootdir={config.rootpath}")
-    if cachedir is not None:
-        extra += ["-o", f"cache_dir={cache_copy}"]
-    if config.pluginmanager.hasplugin("xdist"):
-        extra += ["-n", "0"]
-    if any(a.startswith(("--junitxml", "--junit-xml")) for a in args):
-        extra.append(f"--junitxml={workdir / 'plan-junit.xml'}")
-    if any(a.startswith("--llm-report") for a in args):
-        extra.append(f"--llm-report={workdir / 'plan-report.json'}")
-    env = dict(os.environ)
-    env[PHASE_ENV] = "plan"
-    env[SPOOL_ENV] = str(spool)
-    if only is not None:
-        env[ONLY_ENV] = str(only_file)
-    env[SHARED_ENV] = json.dumps(state.shared_for_children())
-    return [sys.executable, "-m", "pytest", *args, *extra], env, spool, workdir / "plan.log"
-
-
-def _plan_failed(config: pytest.Config, state: RunState, log: Path, status: int) -> None:
-    # collection errors, usage errors...: the real session reports them itself
-    from .store import ensure_run_dir
-
-    kept = ensure_run_dir(state.llm_config.run_dir) / "plan.log"
-    shutil.copyfile(log, kept)
-    tr: Any = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(
-            f"llmbench: planning exited with status {status}; the rest runs without "
-            f"prefetch (log: {kept})",
-            yellow=True,
-        )
-
-
-def run_plan(
-    config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None = None
-) -> tuple[list[PlannedRequest], float]:
-    """Run the plan subprocess; returns the planned requests and the seconds it took.
-
-    ``only`` limits planning to those node ids (the rest of the selection is deselected
-    in the subprocess), so a resumed run plans only what has no answer yet.
-    """
-    started = time.perf_counter()
-    cmd, env, spool, log = _plan_command(config, state, workdir, only)
-    with log.open("wb") as out:
-        proc = subprocess.run(
-            cmd,
-            cwd=config.invocation_params.dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    elapsed = time.perf_counter() - started
-    if proc.returncode not in PLAN_OK:
-        _plan_failed(config, state, log, proc.returncode)
-        return [], elapsed
-    return read_spool(spool), elapsed
-
-
-class SpoolReader:
-    """Reads the spool while the plan subprocess still writes it: complete lines only."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.seen: set[str] = set()
-
-    def read_new(self) -> list[PlannedRequest]:
-        try:
-            with self.path.open("rb") as fh:
-                fh.seek(self.offset)
-                chunk = fh.read()
-        except FileNotFoundError:
-            return []
-        end = chunk.rfind(b"\n") + 1  # a line being written waits for the next read
-        self.offset += end
-        out = []
-        for line in chunk[:end].decode("utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row["key"] not in self.seen:
-                self.seen.add(row["key"])
-                out.append(
-                    PlannedRequest(
-                        row["key"],
-                        row.get("nodeid", ""),
-                        row.get("ordinal", 0),
-                        row["endpoint"],
-                        row["body"],
-                    )
-                )
-        return out
-
-
-def _cache_dir(config: pytest.Config) -> Path | None:
-    cache = getattr(config, "cache", None)
-    return Path(cache._cachedir) if cache is not None else None
-
-
-# ------------------------------------------------------------------------ controller
-def llm_nodeids(items: Iterable[pytest.Item]) -> list[str]:
-    """Node ids of the items that use ``llm`` and may be planned."""
-    keep, _ = plan_filter(list(items))
-    return [item.nodeid for item in keep]
-
-
-def calls_model(items: Iterable[pytest.Item]) -> bool:
-    """Whether any item uses ``llm`` (planned or not): then the run needs a key."""
-    return any("llm" in getattr(item, "fixturenames", ()) for item in items)
-
-
-def _flag_path(state: RunState, workerid: str) -> Path:
-    return state.llm_config.run_dir / f"collected-{state.run_token}-{workerid}.json"
-
-
-def write_collection_flag(
-    config: pytest.Config, state: RunState, nodeids: list[str], calls: bool
-) -> None:
-    from .store import ensure_run_dir
-
-    ensure_run_dir(state.llm_config.run_dir)
-    workerid = getattr(config, "workerinput", {}).get("workerid", "main")
-    data = {"plan": nodeids, "calls": calls}
-    _flag_path(state, workerid).write_text(json.dumps(data), encoding="utf-8")
-
-
-def read_collection_flag(state: RunState, workerid: str) -> tuple[list[str] | None, bool]:
-    """The node ids a worker would plan (None when unknown: then plan everything), and
-    whether any of its tests calls the model (True when unknown)."""
-    try:
-        data = json.loads(_flag_path(state, workerid).read_text(encoding="utf-8"))
-        nodeids = [str(n) for n in data["plan"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, True
-    return nodeids, bool(data.get("calls", True))
-
-
-def remove_collection_flags(state: RunState) -> None:
-    run_dir = state.llm_config.run_dir
-    if run_dir.is_dir():
-        for stale in run_dir.glob(f"collected-{state.run_token}-*.json"):
-            stale.unlink(missing_ok=True)
 
 
 def prefetch_enabled(config: pytest.Config, state: RunState) -> bool:
     if is_worker(config) or state.phase != "run":
         return False
-    if state.settings.get("llm_no_prefetch") and not state.llm_config.batch.enabled:
+    if state.options.no_prefetch and not state.llm_config.batch.enabled:
         return False
     if state.record_mode == "none":
         return False  # every answer is in a cassette: each test replays its own at once
     return runs_tests(config)
-
-
-def runs_tests(config: pytest.Config) -> bool:
-    """Whether this session calls test functions (not --collect-only, --setup-only...)."""
-    opt = config.option
-    shows = ("collectonly", "setuponly", "setupplan", "help")
-    return not any(getattr(opt, name, False) for name in shows)
 
 
 def unanswered(state: RunState, nodeids: list[str] | None) -> list[str] | None:
@@ -441,10 +214,6 @@ def fetch_live(
     config: pytest.Config, state: RunState, planned: list[PlannedRequest], plan_s: float
 ) -> None:
     """Send every planned request concurrently within the budget; store each answer."""
-    import asyncio
-
-    from .progress import Progress
-
     todo = [p for p in planned if not state.is_answered(p.key)]
     progress = Progress(config, "llmbench prefetch", total=len(todo), rpm=state.llm_config.rpm)
     started = time.perf_counter()
@@ -454,87 +223,58 @@ def fetch_live(
 
 
 class _Fetcher:
-    """Sends planned requests through the client's one call path, saving each answer."""
+    """What the fetch stage does with each planned request's outcome: save the answer the
+    moment it arrives, remember a refusal no retry can mend, move the progress line."""
 
-    def __init__(self, state: RunState, progress: Any) -> None:
-        import asyncio
-
-        import openai
-
+    def __init__(self, state: RunState, progress: Progress) -> None:
         self.state = state
         self.progress = progress
-        self.shared = state.client._shared
-        self.gate = asyncio.Semaphore(state.llm_config.max_concurrency)
-        self.aclient = openai.AsyncOpenAI(**self.shared._client_kwargs())
 
-    def _saver(self, req: PlannedRequest) -> Callable[[Any], None]:
-        def save(raw: Any) -> None:
-            self.state.store.put(
-                req.key,
-                nodeid=req.nodeid,
-                ordinal=req.ordinal,
-                endpoint=req.endpoint,
-                request=req.body,
-                response=raw.body,
-                headers=raw.headers,
-                latency_s=raw.latency,
-                source="prefetch",
-                replace=self.state.fresh_since is not None,
-                attempts=raw.attempts,
-                rate_limited=raw.rate_limited,
-            )
+    def answered(self, req: PlannedRequest, answer: Answer) -> None:
+        self.state.store.put(
+            req.key,
+            nodeid=req.nodeid,
+            ordinal=req.ordinal,
+            endpoint=req.endpoint,
+            request=req.body,
+            response=answer.body,
+            headers=answer.headers,
+            latency_s=answer.latency,
+            source="prefetch",
+            replace=self.state.fresh_since is not None,
+            attempts=answer.attempts,
+            rate_limited=answer.rate_limited,
+        )
+        usage = answer.body.get("usage") or {}
+        tokens = int(usage.get("total_tokens") or 0)
+        self.progress.advance(answer.attempts - 1, answer.rate_limited, tokens)
 
-        return save
-
-    def _record_failure(self, req: PlannedRequest, exc: Any) -> None:
+    def failed(self, req: PlannedRequest, exc: LLMCallError) -> None:
         """A request that no retry can mend (400, 401, 403, 404, 422, quota) fails its
         case in the run without being sent again; a retryable one is tried live."""
-        from .store import Failure
+        if not exc.retryable:
+            run = self.state.run_token
+            failure = Failure(str(exc), "prefetch", run, exc.attempts, exc.rate_limited)
+            self.state.store.record_failures({req.key: failure})
+        self.progress.fail(exc)
 
-        if exc.retryable:
-            return
-        run = self.state.run_token
-        failure = Failure(str(exc), "prefetch", run, exc.attempts, exc.rate_limited)
-        self.state.store.record_failures({req.key: failure})
-
-    async def one(self, req: PlannedRequest) -> None:
-        from .cassettes import case_scope
-        from .errors import LLMCallError
-
-        async with self.gate:
-            try:
-                with case_scope(req.nodeid):  # files the request under its case's cassette
-                    raw = await self.shared.asend(
-                        req.body, self.state.client.stats, self.aclient, self._saver(req)
-                    )
-            except LLMCallError as exc:
-                self._record_failure(req, exc)
-                self.progress.fail(exc)
-                return
-            usage = raw.body.get("usage") or {}
-            self.progress.advance(
-                raw.attempts - 1, raw.rate_limited, int(usage.get("total_tokens") or 0)
-            )
-
-    @property
-    def slow_start(self) -> bool:
-        """Limits unknown: the first request goes alone so the budget learns them."""
-        return self.state.llm_config.rpm is None and self.state.llm_config.tpm is None
-
-    async def close(self) -> None:
-        await self.aclient.close()
+    async def fetch(
+        self, requests: Iterable[PlannedRequest] | AsyncIterable[PlannedRequest]
+    ) -> None:
+        # with cassettes each request is filed under its case's cassette
+        await self.state.client.arun(
+            requests, _body, self.answered, self.failed, scope=lambda r: case_scope(r.nodeid)
+        )
 
 
-async def _fetch_all(state: RunState, todo: list[PlannedRequest], progress: Any) -> None:
-    from .cassettes import fetch_cassette
+def _body(req: PlannedRequest) -> dict[str, Any]:
+    return req.body
 
-    fetcher = _Fetcher(state, progress)
-    try:
-        # with cassettes: one in-memory cassette of all planned cases, saved split per case
-        with fetch_cassette(state, [r.nodeid for r in todo]):
-            await fetcher.shared.slow_start(todo, fetcher.one)
-    finally:
-        await fetcher.close()
+
+async def _fetch_all(state: RunState, todo: list[PlannedRequest], progress: Progress) -> None:
+    # with cassettes: one in-memory cassette of all planned cases, saved split per case
+    with fetch_cassette(state, [r.nodeid for r in todo]):
+        await _Fetcher(state, progress).fetch(todo)
 
 
 def stream_prefetch(
@@ -542,87 +282,72 @@ def stream_prefetch(
 ) -> None:
     """Plan and fetch at once: requests are sent while the plan subprocess still finds
     more, so planning costs little more than the subprocess's start-up."""
-    import asyncio
-
-    from .progress import Progress
-
     progress = Progress(config, "llmbench prefetch", total=0, rpm=state.llm_config.rpm)
     progress.open_ended = True
     started = time.perf_counter()
-    planned, plan_s, status, log = asyncio.run(_stream(config, state, workdir, only, progress))
-    if status not in PLAN_OK:
-        _plan_failed(config, state, log, status)
-    if planned:
+    stream = _PlanStream(config, state, workdir, only, progress)
+    asyncio.run(stream.run())
+    if stream.status not in PLAN_OK:
+        plan_failed(config, state, stream.log, stream.status)
+    if progress.total:
         progress.finish()
-        _summarise(state, progress, planned, plan_s, time.perf_counter() - started)
+        wall = time.perf_counter() - started
+        _summarise(state, progress, progress.total, stream.plan_s, wall)
 
 
-async def _stream(
-    config: pytest.Config,
-    state: RunState,
-    workdir: Path,
-    only: Iterable[str] | None,
-    progress: Any,
-) -> tuple[int, float, int, Path]:
-    import asyncio
+class _PlanStream:
+    """The plan subprocess, and the requests it finds as an async iterable: the spool is
+    read every 50 ms while the subprocess runs (a real wait on it, woken to read)."""
 
-    cmd, env, spool, log = _plan_command(config, state, workdir, only)
-    queue: asyncio.Queue[PlannedRequest | None] = asyncio.Queue()
-    reader = SpoolReader(spool)
-    fetcher = _Fetcher(state, progress)
-    learned = asyncio.Event()
-    if not fetcher.slow_start:
-        learned.set()
-    started = time.perf_counter()
-    plan_s = 0.0
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            cwd=config.invocation_params.dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    def __init__(
+        self,
+        config: pytest.Config,
+        state: RunState,
+        workdir: Path,
+        only: Iterable[str] | None,
+        progress: Progress,
+    ) -> None:
+        self.config, self.state, self.progress = config, state, progress
+        self.cmd, self.env, spool, self.log = plan_command(config, state, workdir, only)
+        self.reader = SpoolReader(spool)
+        self.started = time.perf_counter()
+        self.plan_s = 0.0
+        self.status = 0
 
-        async def produce() -> None:
-            nonlocal plan_s
-            checked = False
-            while True:
-                try:  # a real wait on the subprocess, woken every 50 ms to read the spool
-                    await asyncio.wait_for(proc.wait(), timeout=0.05)
-                    exited = True
-                except asyncio.TimeoutError:
-                    exited = False
-                for req in reader.read_new():
-                    if state.is_answered(req.key):
-                        continue
-                    if not checked:
-                        state.check_credentials()
-                        checked = True
-                        state.report_meta["plan_lead_s"] = round(time.perf_counter() - started, 3)
-                    progress.total += 1
-                    queue.put_nowait(req)
-                if exited:
-                    break
-            plan_s = time.perf_counter() - started
-            progress.open_ended = False
-            for _ in range(workers):
-                queue.put_nowait(None)
+    async def run(self) -> None:
+        with self.log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *self.cmd,
+                cwd=self.config.invocation_params.dir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                await _Fetcher(self.state, self.progress).fetch(self.requests(proc))
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        self.status = int(proc.returncode or 0)
 
-        async def consume(first: bool) -> None:
-            while (req := await queue.get()) is not None:
-                if not learned.is_set() and not first:
-                    await learned.wait()
-                await fetcher.one(req)
-                learned.set()
-
-        workers = state.llm_config.max_concurrency
-        try:
-            await asyncio.gather(produce(), *(consume(i == 0) for i in range(workers)))
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            await fetcher.close()
-    return progress.total, plan_s, int(proc.returncode or 0), log
+    async def requests(self, proc: asyncio.subprocess.Process) -> AsyncIterator[PlannedRequest]:
+        exited = False
+        while not exited:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=0.05)
+                exited = True
+            except asyncio.TimeoutError:
+                pass
+            for req in self.reader.read_new():
+                if self.state.is_answered(req.key):
+                    continue
+                if not self.progress.total:
+                    self.state.check_credentials()
+                    lead = round(time.perf_counter() - self.started, 3)
+                    self.state.report_meta["plan_lead_s"] = lead
+                self.progress.total += 1
+                yield req
+        self.plan_s = time.perf_counter() - self.started
+        self.progress.open_ended = False

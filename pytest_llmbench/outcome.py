@@ -14,7 +14,7 @@ import pytest
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .gates import Gate, GateResult
+    from .gates import GateResult
     from .results import SuiteSummary
     from .runtime import RunState
 
@@ -27,16 +27,6 @@ class RunSummary:
     report_path: Path | None
     mode: str
     extra: list[str] = field(default_factory=list)
-
-
-def parse_gates(texts: list[str]) -> list[Gate]:
-    """Parse ``--llm-gate`` values early, so a typo is a usage error before any call."""
-    from .gates import parse_gate
-
-    try:
-        return [parse_gate(t) for t in texts]
-    except ConfigError as exc:
-        raise pytest.UsageError(f"--llm-gate: {exc}") from None
 
 
 def run_mode(state: RunState, requests: int | None = None) -> str:

@@ -53,6 +53,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "once per dataset item x temperature (x sample) with the `case` and `llm` fixtures",
     )
     state = RunState.from_config(config)
+    from .cassettes import configure as configure_cassettes
+
+    configure_cassettes(config, state, state.shared)
     config.stash[STATE] = state
     controller = not is_worker(config) and state.phase == "run"
     if controller:
@@ -101,6 +104,10 @@ def _check_budget(state: RunState) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(STATE, None)
     if state is not None:
+        if not is_worker(config) and state.phase == "run":
+            from .plan import remove_collection_flags
+
+            remove_collection_flags(state)
         state.close()
 
 
@@ -120,7 +127,8 @@ class XdistHooks:
         if self.planned:
             return
         self.planned = True
-        from .engine import maybe_prefetch, read_collection_flag, runs_tests
+        from .engine import maybe_prefetch
+        from .plan import read_collection_flag, runs_tests
 
         nodeids, calls = read_collection_flag(self.state, node.workerinput["workerid"])
         if calls and runs_tests(node.config):
@@ -148,7 +156,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     source = marker.kwargs.get("dataset", marker.args[0] if marker.args else None)
     if source is None:
         pytest.fail(pytrace=False, reason=f"{where}: needs dataset=PATH or an iterable of dicts")
-    temperatures = state.settings.get("llm_temperatures") or marker.kwargs.get("temperatures")
+    temperatures = state.options.temperatures or marker.kwargs.get("temperatures")
     temps: list[float | None] = [None] if not temperatures else [float(t) for t in temperatures]
     samples = int(marker.kwargs.get("samples", 1))
     if samples < 1:
@@ -168,9 +176,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         pytest.fail(problem, pytrace=False)
     items = select(
         items,
-        limit=state.settings.get("llm_limit"),
-        sample=state.settings.get("llm_sample"),
-        seed=state.settings.get("llm_seed") or 0,
+        limit=state.options.limit,
+        sample=state.options.sample,
+        seed=state.options.seed or 0,
     )
     params = []
     for item in items:
@@ -191,7 +199,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash[STATE]
     if state.phase == "plan":
-        from .engine import plan_filter
+        from .plan import plan_filter
 
         keep, drop = plan_filter(items)
         if drop:
@@ -261,7 +269,7 @@ def llm(request: pytest.FixtureRequest) -> LLMClient:
 
 
 def _recorder(config: pytest.Config) -> Any:
-    from .engine import plan_recorder
+    from .plan import plan_recorder
 
     return plan_recorder(config)
 
@@ -376,13 +384,8 @@ class RunHooks:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         if self.state.phase != "run":
             return
-        from .engine import (
-            calls_model,
-            llm_nodeids,
-            maybe_prefetch,
-            runs_tests,
-            write_collection_flag,
-        )
+        from .engine import maybe_prefetch
+        from .plan import calls_model, llm_nodeids, runs_tests, write_collection_flag
 
         nodeids = llm_nodeids(session.items)
         calls = calls_model(session.items)

@@ -141,9 +141,14 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _plugin_version() -> str:
-    from . import __version__
+    # the installed distribution's version: importing the package root from here would
+    # make this low-level module depend on the whole package (see the layers contract)
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("pytest-llmbench")
+    except PackageNotFoundError:  # pragma: no cover - run from an uninstalled tree
+        return "unknown"
 
 
 # ---------------------------------------------------------------------- schema

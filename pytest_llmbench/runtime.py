@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .client import CallContext, LLMClient, Response
-from .config import LLMConfig, build_config, resolve_settings
+from .config import LLMConfig, RunSettings, build_config, resolve_settings
 from .errors import ConfigError, LLMCallError, StoreError
 
 if TYPE_CHECKING:
+    from .gates import Gate
     from .pricing import PriceTable
     from .results import CaseResult
     from .sim import Simulator
@@ -96,13 +97,14 @@ class RunState:
 
     config: pytest.Config
     settings: dict[str, Any]
+    options: RunSettings
     llm_config: LLMConfig
     sim_enabled: bool
     phase: str  # "run" or "plan"
     started_at: float = field(default_factory=time.time)
     sim: Simulator | None = None
     cases: dict[str, CaseResult] = field(default_factory=dict)
-    gates: list[Any] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
     mode: str = "live"  # "live", "prefetch", "batch"; set by the engine
     report_meta: dict[str, Any] = field(default_factory=dict)
     summary_notes: list[str] = field(default_factory=list)
@@ -114,6 +116,7 @@ class RunState:
     record_mode: str | None = None  # cassettes (cassettes.py); None: no cassettes
     cassette_dir: Path | None = None
     prices: PriceTable | None = None  # --llm-prices, read at configure time
+    shared: dict[str, Any] = field(default_factory=dict)  # from the controller, if a child
     report_path: Path | None = None  # --llm-report, resolved and checked at configure time
 
     # ------------------------------------------------------------------ setup
@@ -126,6 +129,9 @@ class RunState:
         try:
             settings = resolve_settings(cli, os.environ, ini)
             llm_config = build_config(settings)
+            options = RunSettings.from_resolved(settings)
+            if options.batch_max_requests is not None:  # read by batch.py until it reads options
+                settings["llm_batch_max_requests"] = options.batch_max_requests
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
         run_dir = llm_config.run_dir
@@ -134,34 +140,31 @@ class RunState:
         llm_config = llm_config.with_changes(run_dir=run_dir)
         workerinput = getattr(config, "workerinput", None)
         shared = (workerinput or {}).get("llmbench") or _env_shared()
-        sim_enabled = bool(settings.get("llm_sim")) or bool(shared.get("sim"))
+        sim_enabled = options.sim or bool(shared.get("sim"))
         if shared.get("base_url"):
             # the controller (or the parent of a plan subprocess) started the simulator
             llm_config = llm_config.with_changes(base_url=shared["base_url"])
         if sim_enabled:
             llm_config = llm_config.with_changes(api_key=SIM_API_KEY)
-        for knob in ("limit", "sample"):
-            value = settings.get(f"llm_{knob}")
-            if value is not None and value < 1:
-                raise pytest.UsageError(f"--llm-{knob}: must be at least 1, got {value}")
         _check_rootdir_args(config)
         phase = os.environ.get(PHASE_ENV, "run")
-        from .outcome import parse_gates
+        from .gates import parse_gate
 
-        gates = parse_gates(list(settings.get("llm_gate") or []))
-        state = cls(config, settings, llm_config, sim_enabled, phase, gates=gates)
-        state.prices = _load_prices(settings.get("llm_prices"))
-        state.report_path = _report_path(config, settings.get("llm_report"))
+        try:
+            gates = [parse_gate(text) for text in options.gate]
+        except ConfigError as exc:
+            raise pytest.UsageError(f"--llm-gate: {exc}") from None
+        state = cls(config, settings, options, llm_config, sim_enabled, phase, gates=gates)
+        state.prices = _load_prices(options.prices)
+        state.report_path = _report_path(config, options.report)
         state.run_token = shared.get("run_token") or os.urandom(8).hex()
         if shared.get("run_started") is not None:
             state.started_at = float(shared["run_started"])
         if shared.get("fresh_since") is not None:
             state.fresh_since = float(shared["fresh_since"])
-        elif settings.get("llm_fresh"):
+        elif options.fresh:
             state.fresh_since = state.started_at
-        from .cassettes import configure as configure_cassettes
-
-        configure_cassettes(config, state, shared)
+        state.shared = shared
         return state
 
     def start_simulator(self) -> None:
@@ -169,7 +172,7 @@ class RunState:
         from .sim import SimConfig, Simulator
 
         data: dict[str, Any] = {}
-        path = self.settings.get("llm_sim_config")
+        path = self.options.sim_config
         if path is not None:
             data.update(_read_json(Path(path), "--llm-sim-config"))
         for part in self.config.hook.pytest_llmbench_sim_config(config=self.config):
@@ -261,10 +264,6 @@ class RunState:
         return self.client.bind(context=context, **defaults)
 
     def close(self) -> None:
-        if not is_worker(self.config) and self.phase == "run":
-            from .engine import remove_collection_flags
-
-            remove_collection_flags(self)
         if self._client is not None:
             self._client.close()
             self._client = None
