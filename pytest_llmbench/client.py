@@ -29,6 +29,7 @@ from .retry import BackoffPolicy, as_mapping, describe, is_retryable
 
 if TYPE_CHECKING:
     import openai
+    from aiolimiter import AsyncLimiter
 
     from .store import ResponseStore, StoredResponse
 
@@ -507,6 +508,24 @@ _RawAnswer = Answer  # the name the attempt code uses
 
 
 _END = object()  # the end of a runner's queue
+SMOOTHING_S = 0.1  # the per-process smoother's window
+
+
+def smoother(rpm: int | None) -> AsyncLimiter | None:
+    """A per-process smoother on top of the shared budget: at most a tenth of a second's
+    worth of requests start together (at least one). The shared budget grants a burst of
+    up to ``burst_seconds`` of refill at once; without smoothing, a process would open
+    all of those connections in the same millisecond, a spike for the server and for
+    this event loop. It never lowers the rate: the window refills at the configured
+    rate, which the shared budget enforces across processes anyway. aiolimiter's leaky
+    bucket is the right tool here: in-process, async, bound to this run's event loop."""
+    from aiolimiter import AsyncLimiter
+
+    if rpm is None:
+        return None
+    per_second = rpm / 60.0
+    size = max(1.0, per_second * SMOOTHING_S)
+    return AsyncLimiter(size, size / per_second)
 
 
 class _Runner:
@@ -528,6 +547,7 @@ class _Runner:
         if client.config.rpm is not None or client.config.tpm is not None:
             self.learned.set()
         self.first_sent = False
+        self.smoother = smoother(client.config.rpm)
 
     async def run(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
         import openai
@@ -567,6 +587,8 @@ class _Runner:
         shared, stats = self.client._shared, self.client.stats
         scope = self.scope(item) if self.scope is not None else contextlib.nullcontext()
         try:
+            if self.smoother is not None:
+                await self.smoother.acquire()
             with scope:
                 await shared.asend(
                     self.body(item), stats, aclient, lambda a: self.on_answer(item, a)
