@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Literal
@@ -322,7 +323,8 @@ def pytest_runtest_makereport(
 
 
 def _case_properties(item: pytest.Item, report: pytest.TestReport, excinfo: Any) -> dict[str, Any]:
-    acc = item.stash.get(CASE, CaseAccumulator())
+    counted = item.stash.get(CASE, None)
+    acc = counted.result if counted is not None else CaseAccumulator().result
     callspec = getattr(item, "callspec", None)
     param = callspec.params.get(PARAM_FIXTURE) if callspec is not None else None
     outcome: str = report.outcome
@@ -336,30 +338,20 @@ def _case_properties(item: pytest.Item, report: pytest.TestReport, excinfo: Any)
         error = (str(excinfo.value).splitlines() or [excinfo.typename])[0][:300]
     elif outcome == "failed" and excinfo is not None:
         error = (str(excinfo.value).splitlines() or [excinfo.typename])[0][:300]
-    func = getattr(item, "originalname", item.name)
-    return {
-        "nodeid": item.nodeid,
-        "suite": func,
-        "module": item.nodeid.split("::", 1)[0],
-        "item_id": param[0].id if param else None,
-        "temperature": param[1] if param else None,
-        "sample": param[2] if param else None,
-        "outcome": outcome,
-        "error": error,
-        "response": acc.last_text,
-        "calls": acc.calls,
-        "prompt_tokens": acc.prompt_tokens,
-        "completion_tokens": acc.completion_tokens,
-        "total_tokens": acc.total_tokens,
-        "latency_s": round(acc.latency_s, 6),
-        "requests": acc.requests,
-        "retries": acc.retries,
-        "rate_limited": acc.rate_limited,
-        "cached": acc.cached,
-        "model": acc.model,
-        "duration_s": round(report.duration, 6),
-        "batch": acc.batch,
-    }
+    case = dataclasses.replace(
+        acc,
+        nodeid=item.nodeid,
+        suite=getattr(item, "originalname", item.name),
+        module=item.nodeid.split("::", 1)[0],
+        item_id=param[0].id if param else None,
+        temperature=param[1] if param else None,
+        sample=param[2] if param else None,
+        outcome=outcome,
+        error=error,
+        latency_s=round(acc.latency_s, 6),
+        duration_s=round(report.duration, 6),
+    )
+    return case.to_dict()
 
 
 class RunHooks:

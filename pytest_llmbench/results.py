@@ -78,40 +78,34 @@ class CaseResult:
 
         Only ``nodeid`` and ``outcome`` are required: ``suite`` and ``module`` default to
         the parts of the node id, other fields to their defaults, and unknown keys are
-        ignored, so reports of older and newer versions still load.
+        ignored, so reports of older and newer versions still load. The fields and their
+        conversions come from the dataclass itself: a field is declared once.
         """
         if "nodeid" not in data or "outcome" not in data:
             missing = "nodeid" if "nodeid" not in data else "outcome"
             raise ValueError(f"case result without {missing!r}: {dict(data)!r:.200}")
         nodeid = str(data["nodeid"])
         module, _, rest = nodeid.partition("::")
-        return cls(
-            nodeid=nodeid,
-            suite=str(data.get("suite") or rest.split("[", 1)[0].split("::")[-1] or nodeid),
-            module=str(data.get("module") or module),
-            item_id=_opt(data.get("item_id"), str),
-            temperature=_opt(data.get("temperature"), float),
-            sample=_opt(data.get("sample"), int),
-            outcome=str(data["outcome"]),
-            error=_opt(data.get("error"), str),
-            response=_opt(data.get("response"), str),
-            calls=int(data.get("calls") or 0),
-            prompt_tokens=int(data.get("prompt_tokens") or 0),
-            completion_tokens=int(data.get("completion_tokens") or 0),
-            total_tokens=int(data.get("total_tokens") or 0),
-            latency_s=float(data.get("latency_s") or 0.0),
-            requests=int(data.get("requests") or 0),
-            retries=int(data.get("retries") or 0),
-            rate_limited=int(data.get("rate_limited") or 0),
-            cached=int(data.get("cached") or 0),
-            model=_opt(data.get("model"), str),
-            duration_s=float(data.get("duration_s") or 0.0),
-            batch=bool(data.get("batch") or False),
-        )
+        values = {f.name: _convert(f.type, data.get(f.name)) for f in fields(cls)}
+        values["suite"] = values["suite"] or rest.split("[", 1)[0].split("::")[-1] or nodeid
+        values["module"] = values["module"] or module
+        return cls(**values)
 
 
-def _opt(value: Any, kind: Any) -> Any:
-    return None if value is None else kind(value)
+#: how a JSON value becomes each field type of CaseResult (annotations are strings here)
+_CONVERTERS: dict[str, Any] = {
+    "str": lambda v: "" if v is None else str(v),
+    "int": lambda v: int(v or 0),
+    "float": lambda v: float(v or 0.0),
+    "bool": lambda v: bool(v or False),
+}
+
+
+def _convert(annotation: Any, value: Any) -> Any:
+    kind = str(annotation)
+    if kind.endswith(" | None"):
+        return None if value is None else _CONVERTERS[kind.removesuffix(" | None")](value)
+    return _CONVERTERS[kind](value)
 
 
 # ---------------------------------------------------------------------- statistics

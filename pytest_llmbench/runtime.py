@@ -20,11 +20,11 @@ import pytest
 from .client import CallContext, LLMClient, Response
 from .config import LLMConfig, RunSettings, build_config, resolve_settings
 from .errors import ConfigError, LLMCallError, StoreError
+from .results import CaseResult
 
 if TYPE_CHECKING:
     from .gates import Gate
     from .pricing import PriceTable
-    from .results import CaseResult
     from .sim import Simulator
     from .store import ResponseStore
 
@@ -51,44 +51,36 @@ def is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
-@dataclass
 class CaseAccumulator:
-    """What one test case's calls add up to."""
+    """Adds one test case's calls up into its :class:`CaseResult` (whose fields are the
+    only declaration of what a case reports); the plugin fills in the rest at the end."""
 
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    latency_s: float = 0.0
-    requests: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    cached: int = 0
-    batch: bool = False
-    model: str | None = None
-    last_text: str | None = None
+    def __init__(self) -> None:
+        self.result = CaseResult("", "", "", None, None, None, "pending")
 
     def add_error(self, error: LLMCallError) -> None:
         """A call that failed for good still sent its requests (and met its 429s)."""
-        self.requests += error.attempts
-        self.retries += max(0, error.attempts - 1)
-        self.rate_limited += error.rate_limited
+        case = self.result
+        case.requests += error.attempts
+        case.retries += max(0, error.attempts - 1)
+        case.rate_limited += error.rate_limited
 
     def add(self, r: Response) -> None:
-        self.calls += 1
-        self.prompt_tokens += r.usage.prompt_tokens
-        self.completion_tokens += r.usage.completion_tokens
-        self.total_tokens += r.usage.total_tokens
-        self.latency_s += r.latency
-        self.model = r.model or self.model
-        self.last_text = r.text
-        self.batch = self.batch or r.source == "batch"
+        case = self.result
+        case.calls += 1
+        case.prompt_tokens += r.usage.prompt_tokens
+        case.completion_tokens += r.usage.completion_tokens
+        case.total_tokens += r.usage.total_tokens
+        case.latency_s += r.latency
+        case.model = r.model or case.model
+        case.response = r.text
+        case.batch = case.batch or r.source == "batch"
         if r.cached:
-            self.cached += 1
+            case.cached += 1
         else:
-            self.requests += r.attempts
-            self.retries += r.attempts - 1
-            self.rate_limited += r.rate_limited
+            case.requests += r.attempts
+            case.retries += r.attempts - 1
+            case.rate_limited += r.rate_limited
 
 
 @dataclass
