@@ -139,10 +139,6 @@ def configure(config: pytest.Config, state: RunState, shared: dict[str, Any]) ->
         if state.llm_config.api_key is None:
             changes["api_key"] = REPLAY_KEY
         state.llm_config = state.llm_config.with_changes(**changes)
-    if controller:
-        what = "replaying only" if mode == "none" else "recording"
-        where = state.cassette_dir or "cassettes/ beside each suite"
-        state.summary_notes.append(f"llmbench cassettes: {what} (mode {mode}) in {where}")
 
 
 @contextlib.contextmanager

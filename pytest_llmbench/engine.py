@@ -37,7 +37,7 @@ from .plan import (
     run_plan,
     runs_tests,
 )
-from .progress import Progress
+from .progress import PrefetchStats, Progress
 from .runtime import is_worker
 from .store import Failure
 
@@ -69,28 +69,32 @@ def unanswered(state: RunState, nodeids: list[str] | None) -> list[str] | None:
     return [n for n in nodeids if n not in answered]
 
 
-def maybe_prefetch(config: pytest.Config, state: RunState, nodeids: list[str] | None) -> None:
-    """Plan and fetch before the session runs (controller only)."""
+def maybe_prefetch(
+    config: pytest.Config, state: RunState, nodeids: list[str] | None
+) -> PrefetchStats | None:
+    """Plan and fetch before the session runs (controller only); what the real-time
+    prefetch did, or None (nothing to fetch, or the Batch API)."""
     if not prefetch_enabled(config, state):
-        return
+        return None
     # Batch mode always plans the whole selection: a case with some answers may still
     # have a dependent call to ask, or one in a job still open from an interrupted run;
     # skipping it would send that call live, at full price, or pay for it twice.
     only = None if state.llm_config.batch.enabled else unanswered(state, nodeids)
     if only is not None and not only:
-        return  # every selected case has its answers stored: a pure replay
+        return None  # every selected case has its answers stored: a pure replay
     workdir = Path(tempfile.mkdtemp(prefix="llmbench-plan-"))
     try:
         if state.llm_config.batch.enabled:
             _batch_rounds(config, state, workdir)
-        elif state.record_mode is not None:
+            return None
+        if state.record_mode is not None:
             # cassettes load the planned cases' files up front: plan first, then fetch
             planned, plan_s = run_plan(config, state, workdir, only)
-            if planned:
-                state.check_credentials()
-                fetch_live(config, state, planned, plan_s)
-        else:
-            stream_prefetch(config, state, workdir, only)
+            if not planned:
+                return None
+            state.check_credentials()
+            return fetch_live(config, state, planned, plan_s)
+        return stream_prefetch(config, state, workdir, only)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -189,37 +193,17 @@ def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None
     meta["notes"] = notes
 
 
-def _summarise(state: RunState, progress: Any, planned: int, plan_s: float, wall: float) -> None:
-    rate = progress.done / wall if wall > 0 else 0.0
-    state.mode = "prefetch"
-    state.summary_notes.append(
-        f"llmbench prefetch: planned {planned} request(s) in {plan_s:.1f}s, fetched "
-        f"{progress.done} in {wall:.1f}s ({rate:.1f}/s), {progress.failed} failed "
-        f"(retried live in the run), 429s {progress.rate_limited}, retries {progress.retries}"
-    )
-    state.report_meta["prefetch"] = {
-        # with streaming, plan_s overlaps the fetch; plan_lead_s is the wait before the
-        # first request could be sent, the planning cost proper
-        "plan_lead_s": state.report_meta.pop("plan_lead_s", round(plan_s, 3)),
-        "planned": planned,
-        "fetched": progress.done,
-        "failed": progress.failed,
-        "plan_s": round(plan_s, 3),
-        "fetch_s": round(wall, 3),
-        "rate_limited": progress.rate_limited,
-    }
-
-
 def fetch_live(
     config: pytest.Config, state: RunState, planned: list[PlannedRequest], plan_s: float
-) -> None:
+) -> PrefetchStats:
     """Send every planned request concurrently within the budget; store each answer."""
     todo = [p for p in planned if not state.is_answered(p.key)]
     progress = Progress(config, "llmbench prefetch", total=len(todo), rpm=state.llm_config.rpm)
     started = time.perf_counter()
     asyncio.run(_fetch_all(state, todo, progress))
     progress.finish()
-    _summarise(state, progress, len(planned), plan_s, time.perf_counter() - started)
+    progress.total = len(planned)
+    return PrefetchStats.of(progress, round(plan_s, 3), plan_s, time.perf_counter() - started)
 
 
 class _Fetcher:
@@ -279,7 +263,7 @@ async def _fetch_all(state: RunState, todo: list[PlannedRequest], progress: Prog
 
 def stream_prefetch(
     config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None
-) -> None:
+) -> PrefetchStats | None:
     """Plan and fetch at once: requests are sent while the plan subprocess still finds
     more, so planning costs little more than the subprocess's start-up."""
     progress = Progress(config, "llmbench prefetch", total=0, rpm=state.llm_config.rpm)
@@ -289,10 +273,11 @@ def stream_prefetch(
     asyncio.run(stream.run())
     if stream.status not in PLAN_OK:
         plan_failed(config, state, stream.log, stream.status)
-    if progress.total:
-        progress.finish()
-        wall = time.perf_counter() - started
-        _summarise(state, progress, progress.total, stream.plan_s, wall)
+    if not progress.total:
+        return None
+    progress.finish()
+    wall = time.perf_counter() - started
+    return PrefetchStats.of(progress, stream.plan_lead_s, stream.plan_s, wall)
 
 
 class _PlanStream:
@@ -312,6 +297,7 @@ class _PlanStream:
         self.reader = SpoolReader(spool)
         self.started = time.perf_counter()
         self.plan_s = 0.0
+        self.plan_lead_s = 0.0
         self.status = 0
 
     async def run(self) -> None:
@@ -345,8 +331,7 @@ class _PlanStream:
                     continue
                 if not self.progress.total:
                     self.state.check_credentials()
-                    lead = round(time.perf_counter() - self.started, 3)
-                    self.state.report_meta["plan_lead_s"] = lead
+                    self.plan_lead_s = round(time.perf_counter() - self.started, 3)
                 self.progress.total += 1
                 yield req
         self.plan_s = time.perf_counter() - self.started

@@ -15,6 +15,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .gates import GateResult
+    from .progress import PrefetchStats
     from .results import SuiteSummary
     from .runtime import RunState
 
@@ -33,10 +34,43 @@ def run_mode(state: RunState, requests: int | None = None) -> str:
     """live, prefetch, batch, or replay when this run sent no request at all."""
     if state.llm_config.batch.enabled:
         return "batch"
+    if state.prefetch is not None:
+        return "prefetch"
     called = any(c.calls for c in state.cases.values())
-    if requests == 0 and state.mode == "live" and called:
-        return "replay"
-    return state.mode
+    return "replay" if requests == 0 and called else "live"
+
+
+def prefetch_line(stats: PrefetchStats) -> str:
+    rate = stats.fetched / stats.fetch_s if stats.fetch_s > 0 else 0.0
+    return (
+        f"llmbench prefetch: planned {stats.planned} request(s) in {stats.plan_s:.1f}s, "
+        f"fetched {stats.fetched} in {stats.fetch_s:.1f}s ({rate:.1f}/s), {stats.failed} "
+        f"failed (retried live in the run), 429s {stats.rate_limited}, retries {stats.retries}"
+    )
+
+
+def prefetch_report(stats: PrefetchStats) -> dict[str, Any]:
+    return {
+        "plan_lead_s": stats.plan_lead_s,
+        "planned": stats.planned,
+        "fetched": stats.fetched,
+        "failed": stats.failed,
+        "plan_s": round(stats.plan_s, 3),
+        "fetch_s": round(stats.fetch_s, 3),
+        "rate_limited": stats.rate_limited,
+    }
+
+
+def notes(state: RunState) -> list[str]:
+    """The lines under the summary table, in the order the stages ran."""
+    lines = []
+    if state.record_mode is not None:
+        what = "replaying only" if state.record_mode == "none" else "recording"
+        where = state.cassette_dir or "cassettes/ beside each suite"
+        lines.append(f"llmbench cassettes: {what} (mode {state.record_mode}) in {where}")
+    if state.prefetch is not None:
+        lines.append(prefetch_line(state.prefetch))
+    return lines + state.summary_notes
 
 
 def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: float) -> int | None:
@@ -81,6 +115,8 @@ def finish_run(config: pytest.Config, state: RunState, exitstatus: int, now: flo
             "origin": state.origin,
         }
         meta.update(state.report_meta)
+        if state.prefetch is not None:
+            meta["prefetch"] = prefetch_report(state.prefetch)
         report = build_report(
             meta=meta, cases=cases, summaries=summaries, total=total, gates=results
         )
@@ -123,7 +159,7 @@ def print_summary(terminalreporter: Any, state: RunState) -> None:
     for line in format_summary(summary.summaries, summary.total):
         tr.write_line(line)
     tr.write_line(origin_line(state, summary.total))
-    for line in state.summary_notes:
+    for line in notes(state):
         tr.write_line(line)
     if summary.gates:
         tr.write_line("")

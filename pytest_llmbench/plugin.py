@@ -135,7 +135,7 @@ class XdistHooks:
         if calls and runs_tests(node.config):
             self.state.check_credentials()
         if nodeids is None or nodeids:
-            maybe_prefetch(node.config, self.state, nodeids)
+            self.state.prefetch = maybe_prefetch(node.config, self.state, nodeids)
 
 
 # ---------------------------------------------------------------------- parametrization
@@ -388,7 +388,7 @@ class RunHooks:
         if calls and runs_tests(self.config):
             self.state.check_credentials()
         if nodeids:
-            maybe_prefetch(self.config, self.state, nodeids)
+            self.state.prefetch = maybe_prefetch(self.config, self.state, nodeids)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

@@ -1,8 +1,10 @@
-"""A live progress line for long network phases, written through pytest's terminal writer."""
+"""A live progress line for long network phases, written through pytest's terminal writer,
+and what such a phase adds up to (:class:`PrefetchStats`), for the controller to print."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -85,3 +87,25 @@ class Progress:
             self._tr.write_line("")
         else:
             self._tr.write_line(self.line())
+
+
+@dataclass(frozen=True)
+class PrefetchStats:
+    """What the prefetch stage did (the controller prints and reports it)."""
+
+    planned: int
+    fetched: int
+    failed: int
+    rate_limited: int
+    retries: int
+    plan_lead_s: float  # the wait before the first request could be sent
+    plan_s: float  # until planning ended; with streaming it overlaps the fetch
+    fetch_s: float
+
+    @classmethod
+    def of(
+        cls, progress: Progress, plan_lead_s: float, plan_s: float, wall: float
+    ) -> PrefetchStats:
+        done, failed, limited = progress.done, progress.failed, progress.rate_limited
+        planned = progress.total
+        return cls(planned, done, failed, limited, progress.retries, plan_lead_s, plan_s, wall)

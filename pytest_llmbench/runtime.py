@@ -25,6 +25,7 @@ from .results import CaseResult
 if TYPE_CHECKING:
     from .gates import Gate
     from .pricing import PriceTable
+    from .progress import PrefetchStats
     from .sim import Simulator
     from .store import ResponseStore
 
@@ -99,6 +100,7 @@ class RunState:
     gates: list[Gate] = field(default_factory=list)
     mode: str = "live"  # "live", "prefetch", "batch"; set by the engine
     report_meta: dict[str, Any] = field(default_factory=dict)
+    prefetch: PrefetchStats | None = None  # what the prefetch stage did (controller)
     summary_notes: list[str] = field(default_factory=list)
     _client: LLMClient | None = None
     _store: ResponseStore | None = None
