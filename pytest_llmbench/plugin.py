@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,8 +15,10 @@ from .runtime import MISSING_KEY, CaseAccumulator, RunState, is_worker
 if TYPE_CHECKING:
     from .client import LLMClient
     from .config import LLMConfig
+    from .controller import Controller
 
 STATE = pytest.StashKey[RunState]()
+CONTROLLER: pytest.StashKey[Controller] = pytest.StashKey()
 CASE = pytest.StashKey[CaseAccumulator]()
 PARAM_FIXTURE = "case"  # the indirect parameter: (item, temperature, sample)
 MARKER_KWARGS = frozenset({"dataset", "temperatures", "id", "samples", "plan", "required"})
@@ -58,84 +59,60 @@ def pytest_configure(config: pytest.Config) -> None:
 
     configure_cassettes(config, state, state.shared)
     config.stash[STATE] = state
-    controller = not is_worker(config) and state.phase == "run"
-    if controller:
-        if getattr(config.option, "cacheclear", False):
-            # pytest's --cache-clear clears stored responses too (controller only: workers
-            # start after this and must not wipe what a sibling just saved)
-            from .store import ResponseStore
+    # one plugin object per role, registered only in the process that has the role
+    name = f"llmbench-{id(config)}"
+    if state.phase == "plan":
+        config.pluginmanager.register(Planner(), f"{name}-planner")
+    elif is_worker(config):
+        config.pluginmanager.register(Worker(config, state), f"{name}-worker")
+    else:
+        from .controller import Controller, XdistController
 
-            with ResponseStore.open(state.llm_config.run_dir) as store:
-                store.clear()
-        if state.sim_enabled:
-            state.start_simulator()
-        elif not _asks_help(config):
-            _check_budget(state)
-    config.pluginmanager.register(RunHooks(config, state), f"llmbench-run-{id(config)}")
-    if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(XdistHooks(state), "llmbench-xdist")
-
-
-def _asks_help(config: pytest.Config) -> bool:
-    return bool(getattr(config.option, "help", False) or getattr(config.option, "version", 0))
-
-
-def _check_budget(state: RunState) -> None:
-    """Reach a Redis budget now: an unreachable one is a usage error, not a crash later."""
-    cfg = state.llm_config
-    if cfg.budget_url is None or cfg.budget_url == "none":
-        return
-    from .budget import open_budget
-    from .errors import BudgetError
-
-    try:
-        budget = open_budget(
-            cfg.budget_url,
-            run_dir=cfg.run_dir,
-            key=cfg.model,
-            rpm=cfg.rpm,
-            tpm=cfg.tpm,
-            burst_seconds=cfg.burst_seconds,
-        )
-    except BudgetError as exc:
-        raise pytest.UsageError(f"--llm-budget: {exc}") from None
-    budget.close()
+        controller = Controller(config, state)
+        controller.start()
+        config.stash[CONTROLLER] = controller
+        config.pluginmanager.register(controller, f"{name}-controller")
+        if config.pluginmanager.hasplugin("xdist"):
+            config.pluginmanager.register(XdistController(controller), f"{name}-xdist")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    controller = config.stash.get(CONTROLLER, None)
+    if controller is not None:
+        controller.close()
     state = config.stash.get(STATE, None)
     if state is not None:
-        if not is_worker(config) and state.phase == "run":
-            from .plan import remove_collection_flags
-
-            remove_collection_flags(state)
         state.close()
 
 
-class XdistHooks:
-    """Registered only when xdist is loaded, so its hook names never need to exist."""
+class Planner:
+    """The plan subprocess's role: run only the tests that may call the model."""
 
-    def __init__(self, state: RunState) -> None:
+    def pytest_collection_modifyitems(
+        self, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        from .plan import plan_filter
+
+        keep, drop = plan_filter(items)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+
+
+class Worker:
+    """An xdist worker's role: tell the controller, which never collects, what there is
+    to plan (the tests run here; their results travel in the reports)."""
+
+    def __init__(self, config: pytest.Config, state: RunState) -> None:
+        self.config = config
         self.state = state
-        self.planned = False
 
-    def pytest_configure_node(self, node: Any) -> None:
-        node.workerinput["llmbench"] = self.state.shared_for_children()
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        from .plan import calls_model, llm_nodeids, write_collection_flag
 
-    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
-        # The first worker to finish collecting says whether tests use `llm`; scheduling
-        # waits for this hook, so planning and fetching happen before any test runs.
-        if self.planned:
-            return
-        self.planned = True
-        from .engine import maybe_prefetch
-        from .plan import read_collection_flag, runs_tests
-
-        nodeids, calls = read_collection_flag(self.state, node.workerinput["workerid"])
-        if calls and runs_tests(node.config):
-            self.state.check_credentials()
-        if nodeids is None or nodeids:
-            self.state.prefetch = maybe_prefetch(node.config, self.state, nodeids)
+        nodeids = llm_nodeids(session.items)
+        write_collection_flag(self.config, self.state, nodeids, calls_model(session.items))
 
 
 # ---------------------------------------------------------------------- parametrization
@@ -195,17 +172,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if PARAM_FIXTURE not in metafunc.fixturenames:
         metafunc.fixturenames.append(PARAM_FIXTURE)
     metafunc.parametrize(PARAM_FIXTURE, params, indirect=True)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    state = config.stash[STATE]
-    if state.phase == "plan":
-        from .plan import plan_filter
-
-        keep, drop = plan_filter(items)
-        if drop:
-            config.hook.pytest_deselected(items=drop)
-            items[:] = keep
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -352,57 +318,3 @@ def _case_properties(item: pytest.Item, report: pytest.TestReport, excinfo: Any)
         duration_s=round(report.duration, 6),
     )
     return case.to_dict()
-
-
-class RunHooks:
-    """The hooks that need the run's state; registered per config (pytester-safe)."""
-
-    def __init__(self, config: pytest.Config, state: RunState) -> None:
-        self.config = config
-        self.state = state
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "teardown" or is_worker(self.config):
-            return
-        props = [(k, v) for k, v in report.user_properties if str(k).startswith("llm.")]
-        if not props:
-            return
-        from .results import CaseResult
-
-        data = {str(k)[4:]: v for k, v in props}
-        self.state.cases[str(data["nodeid"])] = CaseResult.from_dict(data)
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_collection_finish(self, session: pytest.Session) -> None:
-        if self.state.phase != "run":
-            return
-        from .engine import maybe_prefetch
-        from .plan import calls_model, llm_nodeids, runs_tests, write_collection_flag
-
-        nodeids = llm_nodeids(session.items)
-        calls = calls_model(session.items)
-        if is_worker(self.config):
-            # tell the controller, which never collects, what there is to plan
-            write_collection_flag(self.config, self.state, nodeids, calls)
-            return
-        if calls and runs_tests(self.config):
-            self.state.check_credentials()
-        if nodeids:
-            self.state.prefetch = maybe_prefetch(self.config, self.state, nodeids)
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        if is_worker(self.config) or self.state.phase != "run":
-            return
-        from .outcome import finish_run
-
-        new_status = finish_run(self.config, self.state, int(session.exitstatus), time.time())
-        if new_status is not None:
-            session.exitstatus = new_status
-
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if is_worker(self.config) or self.state.summary is None:
-            return
-        from .outcome import print_summary
-
-        print_summary(terminalreporter, self.state)

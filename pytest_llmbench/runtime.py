@@ -23,10 +23,7 @@ from .errors import ConfigError, LLMCallError, StoreError
 from .results import CaseResult
 
 if TYPE_CHECKING:
-    from .gates import Gate
     from .pricing import PriceTable
-    from .progress import PrefetchStats
-    from .sim import Simulator
     from .store import ResponseStore
 
 #: A fake key used against the built-in simulator; obviously not a secret.
@@ -95,23 +92,16 @@ class RunState:
     sim_enabled: bool
     phase: str  # "run" or "plan"
     started_at: float = field(default_factory=time.time)
-    sim: Simulator | None = None
-    cases: dict[str, CaseResult] = field(default_factory=dict)
-    gates: list[Gate] = field(default_factory=list)
-    mode: str = "live"  # "live", "prefetch", "batch"; set by the engine
+    mode: str = "live"  # "batch" set by the batch stage
     report_meta: dict[str, Any] = field(default_factory=dict)
-    prefetch: PrefetchStats | None = None  # what the prefetch stage did (controller)
     summary_notes: list[str] = field(default_factory=list)
     _client: LLMClient | None = None
     _store: ResponseStore | None = None
-    summary: Any = None  # filled at session finish (controller)
     fresh_since: float | None = None
     run_token: str = ""
     record_mode: str | None = None  # cassettes (cassettes.py); None: no cassettes
     cassette_dir: Path | None = None
-    prices: PriceTable | None = None  # --llm-prices, read at configure time
     shared: dict[str, Any] = field(default_factory=dict)  # from the controller, if a child
-    report_path: Path | None = None  # --llm-report, resolved and checked at configure time
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -142,15 +132,7 @@ class RunState:
             llm_config = llm_config.with_changes(api_key=SIM_API_KEY)
         _check_rootdir_args(config)
         phase = os.environ.get(PHASE_ENV, "run")
-        from .gates import parse_gate
-
-        try:
-            gates = [parse_gate(text) for text in options.gate]
-        except ConfigError as exc:
-            raise pytest.UsageError(f"--llm-gate: {exc}") from None
-        state = cls(config, settings, options, llm_config, sim_enabled, phase, gates=gates)
-        state.prices = _load_prices(options.prices)
-        state.report_path = _report_path(config, options.report)
+        state = cls(config, settings, options, llm_config, sim_enabled, phase)
         state.run_token = shared.get("run_token") or os.urandom(8).hex()
         if shared.get("run_started") is not None:
             state.started_at = float(shared["run_started"])
@@ -161,39 +143,11 @@ class RunState:
         state.shared = shared
         return state
 
-    def start_simulator(self) -> None:
-        """Start the in-process simulator for ``--llm-sim`` (controller only)."""
-        from .sim import SimConfig, Simulator
-
-        data: dict[str, Any] = {}
-        path = self.options.sim_config
-        if path is not None:
-            data.update(_read_json(Path(path), "--llm-sim-config"))
-        for part in self.config.hook.pytest_llmbench_sim_config(config=self.config):
-            if not part:
-                continue
-            for key, value in part.items():
-                if key == "answer_key":
-                    data.setdefault("answer_key", [])
-                    data["answer_key"] = [*data["answer_key"], *value]
-                else:
-                    data[key] = value
-        try:
-            sim_config = SimConfig.model_validate(data)
-        except Exception as exc:  # pydantic.ValidationError, shortened
-            first = str(exc).splitlines()
-            raise pytest.UsageError(
-                f"--llm-sim: invalid simulator settings: {' '.join(first[:3])}"
-            ) from None
-        self.sim = Simulator(sim_config, port=0)
-        self.sim.start()
-        self.llm_config = self.llm_config.with_changes(base_url=self.sim.base_url)
-
     def shared_for_children(self) -> dict[str, Any]:
         """What workers and plan subprocesses must know that their own options don't say."""
         return {
             "sim": self.sim_enabled,
-            "base_url": self.sim.base_url if self.sim else None,
+            "base_url": self.llm_config.base_url if self.sim_enabled else None,
             "fresh_since": self.fresh_since,
             "run_token": self.run_token,
             "run_started": self.started_at,
@@ -264,9 +218,6 @@ class RunState:
         if self._store is not None:
             self._store.close()
             self._store = None
-        if self.sim is not None:
-            self.sim.stop()
-            self.sim = None
 
 
 def _check_rootdir_args(config: pytest.Config) -> None:
@@ -286,7 +237,7 @@ def _check_rootdir_args(config: pytest.Config) -> None:
             )
 
 
-def _load_prices(path: Path | None) -> PriceTable:
+def load_prices(path: Path | None) -> PriceTable:
     from .pricing import PriceTable
 
     try:
@@ -295,7 +246,7 @@ def _load_prices(path: Path | None) -> PriceTable:
         raise pytest.UsageError(f"--llm-prices: {exc}") from None
 
 
-def _report_path(config: pytest.Config, given: Path | None) -> Path | None:
+def report_path(config: pytest.Config, given: Path | None) -> Path | None:
     """Where the report goes; its directory must exist now, not after a paid run."""
     if given is None:
         return None
@@ -319,20 +270,6 @@ def _env_shared() -> dict[str, Any]:
 
     raw = os.environ.get("PYTEST_LLMBENCH_SHARED")
     return json.loads(raw) if raw else {}
-
-
-def _read_json(path: Path, option: str) -> dict[str, Any]:
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise pytest.UsageError(f"{option}: cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise pytest.UsageError(f"{option}: {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise pytest.UsageError(f"{option}: {path} must hold a JSON object")
-    return data
 
 
 __all__ = ["MISSING_KEY", "SIM_API_KEY", "CaseAccumulator", "RunState"]

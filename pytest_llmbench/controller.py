@@ -1,0 +1,369 @@
+"""The controlling process's role: the simulator, the collected results, the gates, the
+prefetch or Batch API stage, the summary, the exit status and the report.
+
+:class:`Controller` is registered as a plugin only in the process that controls the run
+(the only process without xdist; xdist's controller, which never collects, with it), as
+pytest-xdist registers its ``DSession`` only there; workers and the plan subprocess never
+see it. It keeps what only the controller has; per-process values live in ``RunState``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .errors import ConfigError
+from .results import CaseResult
+
+if TYPE_CHECKING:
+    from .gates import Gate, GateResult
+    from .progress import PrefetchStats
+    from .results import SuiteSummary
+    from .runtime import RunState
+    from .sim import Simulator
+
+
+@dataclass
+class RunSummary:
+    summaries: list[SuiteSummary]
+    total: SuiteSummary
+    gates: list[GateResult]
+    report_path: Path | None
+    mode: str
+    extra: list[str] = field(default_factory=list)
+
+
+class Controller:
+    """The controlling process's plugin object (see the module docstring)."""
+
+    def __init__(self, config: pytest.Config, state: RunState) -> None:
+        from .runtime import load_prices, report_path
+
+        self.config = config
+        self.state = state
+        self.cases: dict[str, CaseResult] = {}
+        self.gates = parse_gates(state.options.gate)
+        self.prices = load_prices(state.options.prices)
+        self.report_path = report_path(config, state.options.report)
+        self.prefetch: PrefetchStats | None = None
+        self.summary: RunSummary | None = None
+        self.sim: Simulator | None = None
+
+    # ------------------------------------------------------------------ start and stop
+    def start(self) -> None:
+        """At configure time: --cache-clear, the simulator, an early look at the budget."""
+        state = self.state
+        if getattr(self.config.option, "cacheclear", False):
+            # pytest's --cache-clear clears stored responses too (controller only: workers
+            # start after this and must not wipe what a sibling just saved)
+            from .store import ResponseStore
+
+            with ResponseStore.open(state.llm_config.run_dir) as store:
+                store.clear()
+        if state.sim_enabled:
+            self.sim = start_simulator(self.config, state)
+        elif not _asks_help(self.config):
+            check_budget(state)
+
+    def close(self) -> None:
+        from .plan import remove_collection_flags
+
+        remove_collection_flags(self.state)
+        if self.sim is not None:
+            self.sim.stop()
+            self.sim = None
+
+    # ------------------------------------------------------------------ hooks
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown":
+            return
+        props = [(k, v) for k, v in report.user_properties if str(k).startswith("llm.")]
+        if props:
+            data = {str(k)[4:]: v for k, v in props}
+            self.cases[str(data["nodeid"])] = CaseResult.from_dict(data)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """Without xdist this process collects: plan and fetch before any test runs."""
+        from .plan import calls_model, llm_nodeids
+
+        self.collected(llm_nodeids(session.items), calls_model(session.items))
+
+    def collected(self, nodeids: list[str] | None, calls: bool) -> None:
+        """What the run will call is known (None: every selected test may call)."""
+        from .engine import maybe_prefetch
+        from .plan import runs_tests
+
+        if calls and runs_tests(self.config):
+            self.state.check_credentials()
+        if nodeids is None or nodeids:
+            self.prefetch = maybe_prefetch(self.config, self.state, nodeids)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        new_status = self.finish(int(session.exitstatus), time.time())
+        if new_status is not None:
+            session.exitstatus = new_status
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.summary is not None:
+            self.print_summary(terminalreporter)
+
+    # ------------------------------------------------------------------ the end
+    def run_mode(self, requests: int | None = None) -> str:
+        """live, prefetch, batch, or replay when this run sent no request at all."""
+        if self.state.llm_config.batch.enabled:
+            return "batch"
+        if self.prefetch is not None:
+            return "prefetch"
+        called = any(c.calls for c in self.cases.values())
+        return "replay" if requests == 0 and called else "live"
+
+    def finish(self, exitstatus: int, now: float) -> int | None:
+        """Summarise, judge the gates and write the report; a new exit status or None."""
+        from .report import write_report
+        from .results import summarize, totals
+
+        cases = list(self.cases.values())
+        if not cases and not self.gates:
+            return None
+        summaries = summarize(cases, self.prices)
+        total = totals(summaries)
+        if self.state.llm_config.batch.enabled:
+            from .batch import summary_lines
+
+            # jobs, waiting, rounds and the saving vs real-time prices (also in the report)
+            self.state.summary_notes.extend(summary_lines(self.state, cases, self.prices))
+        from .gates import evaluate
+
+        results = evaluate(self.gates, summaries) if self.gates else []
+        new_status: int | None = None
+        if self.gates and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+            # gates decide: cases may fail individually as long as the suite's figures hold
+            new_status = 0 if all(r.passed for r in results) else 1
+        final_status = exitstatus if new_status is None else new_status
+        mode = self.run_mode(total.requests)
+        if self.report_path is not None:
+            report = self.report(cases, summaries, total, results, mode, final_status, now)
+            try:
+                write_report(self.report_path, report)
+            except ConfigError as exc:
+                raise pytest.UsageError(str(exc)) from None
+        self.summary = RunSummary(summaries, total, results, self.report_path, mode)
+        return new_status
+
+    def report(
+        self,
+        cases: list[CaseResult],
+        summaries: list[SuiteSummary],
+        total: SuiteSummary,
+        gates: list[GateResult],
+        mode: str,
+        exit_status: int,
+        now: float,
+    ) -> dict[str, Any]:
+        from .report import build_report
+
+        state, config = self.state, self.config
+        meta: dict[str, Any] = {
+            "model": state.llm_config.model,
+            "mode": mode,
+            "started_at": state.started_at,
+            "finished_at": now,
+            "pytest_args": list(config.invocation_params.args),
+            "python": platform.python_version(),
+            "workers": _workers(config),
+            "exit_status": int(exit_status),
+            "base_url": state.llm_config.endpoint,
+            "simulator": state.sim_enabled,
+            "origin": state.origin,
+        }
+        meta.update(state.report_meta)
+        if self.prefetch is not None:
+            meta["prefetch"] = prefetch_report(self.prefetch)
+        return build_report(meta=meta, cases=cases, summaries=summaries, total=total, gates=gates)
+
+    # ------------------------------------------------------------------ the terminal
+    def notes(self) -> list[str]:
+        """The lines under the summary table, in the order the stages ran."""
+        state, lines = self.state, []
+        if state.record_mode is not None:
+            what = "replaying only" if state.record_mode == "none" else "recording"
+            where = state.cassette_dir or "cassettes/ beside each suite"
+            lines.append(f"llmbench cassettes: {what} (mode {state.record_mode}) in {where}")
+        if self.prefetch is not None:
+            lines.append(prefetch_line(self.prefetch))
+        return lines + state.summary_notes
+
+    def print_summary(self, tr: pytest.TerminalReporter) -> None:
+        """The one place the run's figures are formatted for the terminal."""
+        from .results import format_summary
+
+        summary = self.summary
+        assert summary is not None
+        tr.write_sep("=", f"llmbench summary ({summary.mode}, model {self.state.llm_config.model})")
+        for line in format_summary(summary.summaries, summary.total):
+            tr.write_line(line)
+        tr.write_line(origin_line(self.state, summary.total))
+        for line in self.notes():
+            tr.write_line(line)
+        if summary.gates:
+            tr.write_line("")
+            for g in summary.gates:
+                tr.write_line(g.message, green=g.passed, red=not g.passed, bold=not g.passed)
+            holds = all(g.passed for g in summary.gates)
+            verdict = "all gates hold" if holds else "a gate failed"
+            tr.write_line(f"llmbench gates: {verdict}; gates decide the exit status")
+        if summary.report_path is not None:
+            tr.write_line(f"llmbench report: {summary.report_path}")
+        sys.stdout.flush()
+
+
+class XdistController:
+    """The controller's xdist hooks: registered only when xdist is loaded, so that their
+    names need not exist otherwise."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.planned = False
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["llmbench"] = self.controller.state.shared_for_children()
+
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        # The first worker to finish collecting says whether tests use `llm`; scheduling
+        # waits for this hook, so planning and fetching happen before any test runs.
+        if self.planned:
+            return
+        self.planned = True
+        from .plan import read_collection_flag
+
+        nodeids, calls = read_collection_flag(self.controller.state, node.workerinput["workerid"])
+        self.controller.collected(nodeids, calls)
+
+
+def prefetch_line(stats: PrefetchStats) -> str:
+    rate = stats.fetched / stats.fetch_s if stats.fetch_s > 0 else 0.0
+    return (
+        f"llmbench prefetch: planned {stats.planned} request(s) in {stats.plan_s:.1f}s, "
+        f"fetched {stats.fetched} in {stats.fetch_s:.1f}s ({rate:.1f}/s), {stats.failed} "
+        f"failed (retried live in the run), 429s {stats.rate_limited}, retries {stats.retries}"
+    )
+
+
+def prefetch_report(stats: PrefetchStats) -> dict[str, Any]:
+    return {
+        "plan_lead_s": stats.plan_lead_s,
+        "planned": stats.planned,
+        "fetched": stats.fetched,
+        "failed": stats.failed,
+        "plan_s": round(stats.plan_s, 3),
+        "fetch_s": round(stats.fetch_s, 3),
+        "rate_limited": stats.rate_limited,
+    }
+
+
+def origin_line(state: RunState, total: SuiteSummary) -> str:
+    """Where this run's answers came from: sent now, or replayed (store or cassettes)."""
+    from .store import SIM_ORIGIN
+
+    where = "the built-in simulator" if state.origin == SIM_ORIGIN else state.origin
+    line = f"llmbench answers from {where}: {total.requests} request(s) sent in this run"
+    if total.cached:
+        source = "cassettes" if state.record_mode == "none" else "the store"
+        line += f", {total.cached} answer(s) replayed from {source} (recorded on {where})"
+    return line
+
+
+def _workers(config: pytest.Config) -> int:
+    n = getattr(config.option, "numprocesses", None)
+    try:
+        return int(n) if n else 0
+    except (TypeError, ValueError):
+        return os.cpu_count() or 1
+
+
+def _asks_help(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "help", False) or getattr(config.option, "version", 0))
+
+
+def parse_gates(texts: tuple[str, ...]) -> list[Gate]:
+    from .gates import parse_gate
+
+    try:
+        return [parse_gate(text) for text in texts]
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--llm-gate: {exc}") from None
+
+
+def check_budget(state: RunState) -> None:
+    """Reach a Redis budget now: an unreachable one is a usage error, not a crash later."""
+    cfg = state.llm_config
+    if cfg.budget_url is None or cfg.budget_url == "none":
+        return
+    from .budget import open_budget
+    from .errors import BudgetError
+
+    try:
+        budget = open_budget(
+            cfg.budget_url,
+            run_dir=cfg.run_dir,
+            key=cfg.model,
+            rpm=cfg.rpm,
+            tpm=cfg.tpm,
+            burst_seconds=cfg.burst_seconds,
+        )
+    except BudgetError as exc:
+        raise pytest.UsageError(f"--llm-budget: {exc}") from None
+    budget.close()
+
+
+def start_simulator(config: pytest.Config, state: RunState) -> Simulator:
+    """Start the in-process simulator for ``--llm-sim`` (controller only); the run's
+    requests go to it."""
+    from .sim import SimConfig, Simulator
+
+    data: dict[str, Any] = {}
+    path = state.options.sim_config
+    if path is not None:
+        data.update(_read_json(Path(path), "--llm-sim-config"))
+    for part in config.hook.pytest_llmbench_sim_config(config=config):
+        if not part:
+            continue
+        for key, value in part.items():
+            if key == "answer_key":
+                data.setdefault("answer_key", [])
+                data["answer_key"] = [*data["answer_key"], *value]
+            else:
+                data[key] = value
+    try:
+        sim_config = SimConfig.model_validate(data)
+    except Exception as exc:  # pydantic.ValidationError, shortened
+        first = str(exc).splitlines()
+        raise pytest.UsageError(
+            f"--llm-sim: invalid simulator settings: {' '.join(first[:3])}"
+        ) from None
+    sim = Simulator(sim_config, port=0)
+    sim.start()
+    state.llm_config = state.llm_config.with_changes(base_url=sim.base_url)
+    return sim
+
+
+def _read_json(path: Path, option: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise pytest.UsageError(f"{option}: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise pytest.UsageError(f"{option}: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise pytest.UsageError(f"{option}: {path} must hold a JSON object")
+    return data
