@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt
 
@@ -528,16 +528,16 @@ def smoother(rpm: int | None) -> AsyncLimiter | None:
     return AsyncLimiter(size, size / per_second)
 
 
-class _Runner:
+class _Runner(Generic[T]):
     """The state of one :meth:`LLMClient.arun`: queue, workers, slow start."""
 
     def __init__(
         self,
         client: LLMClient,
-        body: Callable[[Any], dict[str, Any]],
-        on_answer: Callable[[Any, Answer], None],
-        on_error: Callable[[Any, LLMCallError], None],
-        scope: Callable[[Any], AbstractContextManager[None]] | None,
+        body: Callable[[T], dict[str, Any]],
+        on_answer: Callable[[T, Answer], None],
+        on_error: Callable[[T, LLMCallError], None],
+        scope: Callable[[T], AbstractContextManager[None]] | None,
     ) -> None:
         self.client = client
         self.body, self.on_answer, self.on_error, self.scope = body, on_answer, on_error, scope
@@ -549,7 +549,7 @@ class _Runner:
         self.first_sent = False
         self.smoother = smoother(client.config.rpm)
 
-    async def run(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+    async def run(self, items: Iterable[T] | AsyncIterable[T]) -> None:
         import openai
 
         shared = self.client._shared
@@ -560,7 +560,7 @@ class _Runner:
         finally:
             await aclient.close()
 
-    async def feed(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+    async def feed(self, items: Iterable[T] | AsyncIterable[T]) -> None:
         try:
             if isinstance(items, AsyncIterable):
                 async for item in items:
@@ -583,7 +583,7 @@ class _Runner:
             finally:
                 self.learned.set()
 
-    async def send(self, aclient: openai.AsyncOpenAI, item: Any) -> None:
+    async def send(self, aclient: openai.AsyncOpenAI, item: T) -> None:
         shared, stats = self.client._shared, self.client.stats
         scope = self.scope(item) if self.scope is not None else contextlib.nullcontext()
         try:

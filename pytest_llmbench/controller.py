@@ -24,6 +24,8 @@ from .errors import ConfigError
 from .results import CaseResult
 
 if TYPE_CHECKING:
+    from xdist.workermanage import WorkerController  # type: ignore[import-untyped]
+
     from .gates import Gate, GateResult
     from .progress import PrefetchStats
     from .results import SuiteSummary
@@ -235,10 +237,10 @@ class XdistController:
         self.controller = controller
         self.planned = False
 
-    def pytest_configure_node(self, node: Any) -> None:
+    def pytest_configure_node(self, node: WorkerController) -> None:
         node.workerinput["llmbench"] = self.controller.state.shared_for_children()
 
-    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+    def pytest_xdist_node_collection_finished(self, node: WorkerController, ids: list[str]) -> None:
         # The first worker to finish collecting says whether tests use `llm`; scheduling
         # waits for this hook, so planning and fetching happen before any test runs.
         if self.planned:

@@ -50,7 +50,11 @@ class PlannedRequest:
 
 
 # ------------------------------------------------------------------------ plan phase
-def plan_recorder(config: pytest.Config) -> Callable[[str, str, int, str, dict[str, Any]], None]:
+#: the plan phase's ``record(key, nodeid, ordinal, endpoint, body)``
+Recorder = Callable[[str, str, int, str, dict[str, Any]], None]
+
+
+def plan_recorder(config: pytest.Config) -> Recorder:
     """The ``record`` callback of the plan phase: one JSON line per unanswered request."""
     path = Path(os.environ[SPOOL_ENV])
 
@@ -138,7 +142,7 @@ def plan_failed(config: pytest.Config, state: RunState, log: Path, status: int) 
 
     kept = ensure_run_dir(state.llm_config.run_dir) / "plan.log"
     shutil.copyfile(log, kept)
-    tr: Any = config.pluginmanager.get_plugin("terminalreporter")
+    tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:
         tr.write_line(
             f"llmbench: planning exited with status {status}; the rest runs without "

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .client import LLMClient
     from .config import LLMConfig
     from .controller import Controller
+    from .plan import Recorder
 
 STATE = pytest.StashKey[RunState]()
 CONTROLLER: pytest.StashKey[Controller] = pytest.StashKey()
@@ -235,7 +236,7 @@ def llm(request: pytest.FixtureRequest) -> LLMClient:
     return client
 
 
-def _recorder(config: pytest.Config) -> Any:
+def _recorder(config: pytest.Config) -> Recorder:
     from .plan import plan_recorder
 
     return plan_recorder(config)

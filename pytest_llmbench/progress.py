@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -37,7 +36,9 @@ class Progress:
         self.tokens = 0
         self.started = time.perf_counter()
         self._last = 0.0
-        self._tr: Any = config.pluginmanager.get_plugin("terminalreporter")
+        self._tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin(
+            "terminalreporter"
+        )
         self._tty = bool(self._tr is not None and self._tr.isatty())
         self._every = 0.25 if self._tty else every
 
