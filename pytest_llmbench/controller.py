@@ -26,6 +26,7 @@ from .results import CaseResult
 if TYPE_CHECKING:
     from xdist.workermanage import WorkerController  # type: ignore[import-untyped]
 
+    from .batch import BatchStats
     from .gates import Gate, GateResult
     from .progress import PrefetchStats
     from .results import SuiteSummary
@@ -56,6 +57,8 @@ class Controller:
         self.prices = load_prices(state.options.prices)
         self.report_path = report_path(config, state.options.report)
         self.prefetch: PrefetchStats | None = None
+        self.batch: BatchStats | None = None  # what the Batch API stage did
+        self.batch_lines: list[str] = []
         self.summary: RunSummary | None = None
         self.sim: Simulator | None = None
 
@@ -107,7 +110,10 @@ class Controller:
         if calls and runs_tests(self.config):
             self.state.check_credentials()
         if nodeids is None or nodeids:
-            self.prefetch = maybe_prefetch(self.config, self.state, nodeids)
+            self.prefetch = maybe_prefetch(self.config, self.state, nodeids, self.batch_done)
+
+    def batch_done(self, stats: BatchStats) -> None:
+        self.batch = stats
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -140,10 +146,11 @@ class Controller:
         summaries = summarize(cases, self.prices)
         total = totals(summaries)
         if self.state.llm_config.batch.enabled:
-            from .batch import summary_lines
+            from .batch import BatchStats, summary_lines
 
             # jobs, waiting, rounds and the saving vs real-time prices (also in the report)
-            self.state.summary_notes.extend(summary_lines(self.state, cases, self.prices))
+            self.batch = self.batch or BatchStats.from_report(None)  # the stage never ran
+            self.batch_lines = summary_lines(self.batch, cases, self.prices)
         from .gates import evaluate
 
         results = evaluate(self.gates, summaries) if self.gates else []
@@ -188,7 +195,8 @@ class Controller:
             "simulator": state.sim_enabled,
             "origin": state.origin,
         }
-        meta.update(state.report_meta)
+        if self.batch is not None:
+            meta["batch"] = self.batch.to_report()
         if self.prefetch is not None:
             meta["prefetch"] = prefetch_report(self.prefetch)
         return build_report(meta=meta, cases=cases, summaries=summaries, total=total, gates=gates)
@@ -203,7 +211,7 @@ class Controller:
             lines.append(f"llmbench cassettes: {what} (mode {state.record_mode}) in {where}")
         if self.prefetch is not None:
             lines.append(prefetch_line(self.prefetch))
-        return lines + state.summary_notes
+        return lines + self.batch_lines
 
     def print_summary(self, tr: pytest.TerminalReporter) -> None:
         """The one place the run's figures are formatted for the terminal."""

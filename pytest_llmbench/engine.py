@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from .runtime import is_worker
 from .store import Failure
 
 if TYPE_CHECKING:
+    from .batch import BatchStats
     from .client import Answer
     from .runtime import RunState
 
@@ -70,10 +71,14 @@ def unanswered(state: RunState, nodeids: list[str] | None) -> list[str] | None:
 
 
 def maybe_prefetch(
-    config: pytest.Config, state: RunState, nodeids: list[str] | None
+    config: pytest.Config,
+    state: RunState,
+    nodeids: list[str] | None,
+    on_batch: Callable[[BatchStats], None],
 ) -> PrefetchStats | None:
     """Plan and fetch before the session runs (controller only); what the real-time
-    prefetch did, or None (nothing to fetch, or the Batch API)."""
+    prefetch did, or None (nothing to fetch, or the Batch API: its statistics go to
+    ``on_batch``, also when the stage ends the session early)."""
     if not prefetch_enabled(config, state):
         return None
     # Batch mode always plans the whole selection: a case with some answers may still
@@ -85,7 +90,9 @@ def maybe_prefetch(
     workdir = Path(tempfile.mkdtemp(prefix="llmbench-plan-"))
     try:
         if state.llm_config.batch.enabled:
-            _batch_rounds(config, state, workdir)
+            from .batch import run_rounds
+
+            run_rounds(config, state, workdir, on_batch)
             return None
         if state.record_mode is not None:
             # cassettes load the planned cases' files up front: plan first, then fetch
@@ -97,100 +104,6 @@ def maybe_prefetch(
         return stream_prefetch(config, state, workdir, only)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _batch_rounds(config: pytest.Config, state: RunState, workdir: Path) -> None:
-    """Plan, batch, and plan again with the first answers until nothing new is asked.
-
-    Each round is one plan subprocess and (when it found unanswered requests) one fetch
-    through the Batch API; a test with a call that depends on an earlier answer needs one
-    round per level, at most ``--llm-batch-max-rounds``. Requests still unanswered then,
-    and requests whose body changed between rounds (a prompt that is not reproducible),
-    fail with that reason instead of being sent again and again.
-    """
-    from .batch import BatchRunner, clear_errors, fetch_batch, make_runner, record_errors
-    from .errors import LLMCallError
-
-    settings = state.llm_config.batch
-    state.mode = "batch"
-    meta: dict[str, Any] = state.report_meta.setdefault("batch", {"jobs": [], "waited_s": 0.0})
-    # failures of earlier invocations are asked again, as a live run would
-    clear_errors(state.store)
-    runner: BatchRunner | None = None
-    asked: set[str] = set()
-    slots: dict[tuple[str, int], str] = {}
-    errors: dict[str, str] = {}
-    rounds = 0
-    plan_total = 0.0
-    only: set[str] | None = None
-    try:
-        while True:
-            planned, plan_s = run_plan(config, state, workdir, only)
-            plan_total += plan_s
-            fresh: list[PlannedRequest] = []
-            for p in planned:
-                if p.key in asked or state.is_answered(p.key):
-                    continue  # answered, or failed in this invocation (left to live)
-                earlier = slots.get((p.nodeid, p.ordinal))
-                if earlier is not None and earlier != p.key:
-                    errors[p.key] = (
-                        f"call {p.ordinal} of this test sent a different request in plan round "
-                        f"{rounds + 1} than before: a prompt that changes from run to run "
-                        "(time, randomness) cannot be answered through the Batch API"
-                    )
-                    continue
-                fresh.append(p)
-            if not fresh:
-                break
-            if rounds >= settings.max_rounds:
-                for p in fresh:
-                    errors[p.key] = (
-                        f"not answered: this test needs more than --llm-batch-max-rounds "
-                        f"{settings.max_rounds} round(s) of dependent calls"
-                    )
-                break
-            state.check_credentials()
-            if runner is None:
-                runner = make_runner(config, state)
-            rounds += 1
-            for p in fresh:
-                asked.add(p.key)
-                slots[(p.nodeid, p.ordinal)] = p.key
-            fetch_batch(config, state, fresh, runner)
-            # only a test that stopped at an unanswered call can ask something new
-            only = {p.nodeid for p in planned}
-    except LLMCallError as exc:
-        pytest.exit(f"llmbench: a Batch API call failed: {exc}", returncode=1)
-    finally:
-        meta["rounds"] = rounds
-        meta["plan_s"] = round(plan_total, 3)
-        if runner is not None:
-            found = [i for i in [*runner.resumed, *runner.job_ids] if i not in runner.lost]
-            meta["jobs"] = [*meta["jobs"], *found]
-            meta["waited_s"] = round(meta["waited_s"] + runner.waited, 3)
-    live = settings.fallback == "live"
-    notes: list[str] = list(runner.problems) if runner is not None else []
-    job_failed = len(runner.failed_keys) if runner is not None else 0
-    if job_failed:
-        notes.append(
-            f"{job_failed} request(s) failed in the Batch API"
-            + ("; left to the live API" if live else "")
-        )
-    if runner is not None and runner.lost:
-        notes.append(f"job(s) unknown to the API, submitted again: {', '.join(runner.lost)}")
-    if errors:
-        record_errors(state.store, errors, state.run_token)
-        deep = sum(1 for e in errors.values() if "max-rounds" in e)
-        if deep:
-            notes.append(
-                f"{deep} request(s) still unanswered after {rounds} round(s) (raise "
-                "--llm-batch-max-rounds)" + ("; left to the live API" if live else "")
-            )
-        if len(errors) > deep:
-            notes.append(f"{len(errors) - deep} request(s) changed between plan rounds")
-    meta["failed"] = job_failed
-    meta["unanswered"] = job_failed + len(errors)
-    meta["notes"] = notes
 
 
 def fetch_live(

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from .config import OPTIONS
 from .errors import DatasetError, LLMCallError, LLMPending
+from .options import OPTIONS
 from .runtime import MISSING_KEY, CaseAccumulator, RunState, is_worker
 
 if TYPE_CHECKING:

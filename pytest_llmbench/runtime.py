@@ -92,9 +92,6 @@ class RunState:
     sim_enabled: bool
     phase: str  # "run" or "plan"
     started_at: float = field(default_factory=time.time)
-    mode: str = "live"  # "batch" set by the batch stage
-    report_meta: dict[str, Any] = field(default_factory=dict)
-    summary_notes: list[str] = field(default_factory=list)
     _client: LLMClient | None = None
     _store: ResponseStore | None = None
     fresh_since: float | None = None
@@ -106,7 +103,7 @@ class RunState:
     # ------------------------------------------------------------------ setup
     @classmethod
     def from_config(cls, config: pytest.Config) -> RunState:
-        from .config import OPTIONS
+        from .options import OPTIONS
 
         cli = {o.dest: getattr(config.option, o.dest, None) for o in OPTIONS}
         ini = {o.dest: _getini(config, o.dest) for o in OPTIONS}

@@ -36,6 +36,15 @@ from types import TracebackType
 from typing import Any
 
 from .errors import StoreError
+from .store_schema import (
+    COLUMNS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SIM_ORIGIN,
+    TABLES,
+    UNKNOWN_ORIGIN,
+    migrate_v1,
+)
 
 __all__ = [
     "DEFAULT_ORIGIN",
@@ -50,52 +59,11 @@ __all__ = [
     "request_key",
 ]
 
-SCHEMA_VERSION = 2
 STORE_FILENAME = "responses.sqlite3"
 SOURCES = frozenset({"live", "batch", "prefetch", "cassette"})
-#: the origin of the built-in simulator's answers, whatever port it listened on
-SIM_ORIGIN = "simulator"
-#: the origin of a handle opened without one, and of schema-1 answers of unknown origin
-UNKNOWN_ORIGIN = "unknown"
-OPENAI_ORIGIN = "https://api.openai.com/v1"
 DEFAULT_ORIGIN = UNKNOWN_ORIGIN
 BUSY_TIMEOUT_S = 30.0
 _CHUNK = 500  # stays under SQLite's oldest limit of 999 bound parameters
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS responses (
-    key TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    nodeid TEXT NOT NULL,
-    ordinal INTEGER NOT NULL,
-    endpoint TEXT NOT NULL,
-    request TEXT NOT NULL,
-    response TEXT NOT NULL,
-    headers TEXT NOT NULL,
-    latency_s REAL NOT NULL,
-    source TEXT NOT NULL,
-    batch_id TEXT,
-    created_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 1,
-    rate_limited INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (key, origin)
-);
-CREATE INDEX IF NOT EXISTS responses_nodeid ON responses (origin, nodeid);
-CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL);
-CREATE TABLE IF NOT EXISTS failures (
-    key TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    source TEXT NOT NULL,
-    run TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    rate_limited INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (key, origin)
-);
-"""
-_TABLES = ("meta", "responses", "responses_nodeid", "state", "failures")
 
 
 def request_key(nodeid: str, ordinal: int, endpoint: str, body: Mapping[str, Any]) -> str:
@@ -145,6 +113,7 @@ class Failure:
 
 
 _COLUMNS = ", ".join(field.name for field in fields(StoredResponse))  # the table's, in order
+assert _COLUMNS == COLUMNS, "StoredResponse and the responses table must list one order"
 
 
 def ensure_run_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -281,14 +250,14 @@ class ResponseStore:
             try:
                 version = self._schema_version(conn)
                 if version is None:
-                    marks = ", ".join("?" * len(_TABLES))
+                    marks = ", ".join("?" * len(TABLES))
                     foreign = conn.execute(
                         f"SELECT count(*) FROM sqlite_master WHERE name NOT IN ({marks})",
-                        _TABLES,
+                        TABLES,
                     ).fetchone()[0]
                     if foreign:
                         raise sqlite3.DatabaseError("a SQLite file of some other program")
-                    for statement in _SCHEMA.split(";"):
+                    for statement in SCHEMA.split(";"):
                         conn.execute(statement)
                     conn.execute(
                         "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
@@ -301,7 +270,7 @@ class ResponseStore:
                     conn.execute("ROLLBACK")
                 raise
         if version == "1":
-            version = _migrate_v1(conn)
+            version = migrate_v1(conn)
         if version != str(SCHEMA_VERSION):
             raise sqlite3.DatabaseError(
                 f"schema version {version!r}, this pytest-llmbench reads {SCHEMA_VERSION}"
@@ -528,61 +497,3 @@ def _decode(row: tuple[Any, ...]) -> StoredResponse | None:
     return StoredResponse(
         key, origin, nodeid, ordinal, endpoint, *fields, int(attempts), int(rate_limited)
     )
-
-
-# ---------------------------------------------------------------------- migration
-_V1_COLUMNS = "key, nodeid, ordinal, endpoint, request, response, headers, latency_s, source, "
-_V1_COLUMNS += "batch_id, created_at"
-#: what schema 1 kept in fake headers, now real columns
-_V1_ATTEMPTS, _V1_LIMITED = "x-llmbench-attempts", "x-llmbench-rate-limited"
-
-
-def legacy_origin(headers: Mapping[str, Any]) -> str:
-    """Where a schema-1 answer came from, as far as its response headers tell."""
-    organization = str(headers.get("openai-organization", ""))
-    if organization == "org-sim":
-        return SIM_ORIGIN  # the built-in simulator names itself so
-    if "openai-version" in headers or "cf-ray" in headers:
-        return OPENAI_ORIGIN
-    return UNKNOWN_ORIGIN
-
-
-def _migrate_v1(conn: sqlite3.Connection) -> str:
-    """Schema 1 -> 2 in one transaction: origins, attempts and 429s as columns, failures
-    in their own table (schema 1 kept the Batch API's in ``state``)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        current = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-        if current is not None and str(current[0]) != "1":  # another process migrated it
-            conn.execute("COMMIT")
-            return str(current[0])
-        conn.execute("ALTER TABLE responses RENAME TO responses_v1")
-        conn.execute("DROP INDEX IF EXISTS responses_nodeid")
-        for statement in _SCHEMA.split(";"):
-            conn.execute(statement)
-        insert = f"INSERT OR IGNORE INTO responses ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"
-        for row in conn.execute(f"SELECT {_V1_COLUMNS} FROM responses_v1 ORDER BY rowid"):
-            conn.execute(insert, _v1_row(row))
-        conn.execute("DROP TABLE responses_v1")
-        conn.execute("DELETE FROM state WHERE name LIKE 'batch:error%'")
-        conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", ("2",))
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return "2"
-
-
-def _v1_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    key, nodeid, ordinal, endpoint, request, response, headers_text = row[:7]
-    try:
-        headers = json.loads(headers_text)
-    except (TypeError, ValueError):
-        headers = {}
-    headers = headers if isinstance(headers, dict) else {}
-    attempts = int(headers.pop(_V1_ATTEMPTS, 1) or 1)
-    limited = int(headers.pop(_V1_LIMITED, 0) or 0)
-    origin = legacy_origin(headers)
-    head = (key, origin, nodeid, ordinal, endpoint, request, response, _dumps(headers))
-    return (*head, *row[7:], attempts, limited)

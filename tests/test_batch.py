@@ -1,12 +1,15 @@
-"""``--batch-api`` end to end: plan, one job, poll, collect, replay, resume.
+"""``--batch-api``: the per-line retry verdict, collecting, the rounds and the statistics
+as units; then end to end: plan, one job, poll, collect, replay, resume.
 
-Every test runs a small generated suite with pytest (``pytester``) against a simulator
-started in this process over real HTTP (``--llm-base-url`` and a fake key), so the test
-can read the simulator's counters (``batches_created``, ``files_uploaded``,
-``chat_requests``) and the Batch API objects it holds, and keep one simulator alive
-across several pytest runs (resume, timeout, detach). Batch phases are made tiny; where
-a test needs a job to take a while, it slows ``batch_requests_per_second`` and waits on
-an observable condition with a deadline.
+The unit tests at the top call the pure parts of the batch modules directly and run in
+milliseconds; each row of a table is one rule. Every end-to-end test runs a small
+generated suite with pytest (``pytester``) against a simulator started in this process
+over real HTTP (``--llm-base-url`` and a fake key), so the test can read the simulator's
+counters (``batches_created``, ``files_uploaded``, ``chat_requests``) and the Batch API
+objects it holds, and keep one simulator alive across several pytest runs (resume,
+timeout, detach). Batch phases are made tiny; where a test needs a job to take a while,
+it slows ``batch_requests_per_second`` and waits on an observable condition with a
+deadline.
 """
 
 from __future__ import annotations
@@ -20,12 +23,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import openai
 import pytest
 
-from pytest_llmbench.batch import JOBS_STATE
+from pytest_llmbench.batch import JOBS_STATE, TokenLimits
+from pytest_llmbench.batch_collect import (
+    RESUBMIT,
+    JobLines,
+    Verdict,
+    line_verdict,
+    read_errors,
+    read_output,
+    settle_unseen,
+)
+from pytest_llmbench.batch_rounds import BatchStats, FetchLog, Rounds
+from pytest_llmbench.plan import PlannedRequest
 from pytest_llmbench.sim import SimConfig, Simulator
 from pytest_llmbench.store import ResponseStore, request_key
 
@@ -192,6 +207,271 @@ def key_of(nodeid: str, question: str, temperature: float = 0.0) -> str:
         "messages": [{"role": "user", "content": question}],
     }
     return request_key(nodeid, 0, ENDPOINT, body)
+
+
+# ---------------------------------------------------------------------------- units
+
+
+def http(status: int, code: str | None = "server_error", message: str = "boom") -> dict[str, Any]:
+    """A batch line's HTTP response with an API error body."""
+    return {"status_code": status, "body": {"error": {"code": code, "message": message}}}
+
+
+def failed(reason: str, attempts: int = 1) -> Verdict:
+    plural = "s" if attempts != 1 else ""
+    return Verdict.failed(f"Batch API error: {reason} (after {attempts} attempt{plural})")
+
+
+EXPIRED = {"code": "batch_expired", "message": "not run (job expired)"}
+MISSING = {"code": "missing_result", "message": "not run (job completed)"}
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "attempts", "live", "expected"),
+    [
+        # 5xx, 429, 408 and 409 lines go into another job, up to the attempt limit (3)
+        pytest.param(http(500), None, 1, False, RESUBMIT, id="500-first"),
+        pytest.param(http(503), None, 2, False, RESUBMIT, id="503-second"),
+        pytest.param(
+            http(500), None, 3, False, failed("HTTP 500 server_error: boom", 3), id="500-limit"
+        ),
+        pytest.param(http(429, "rate_limit_exceeded"), None, 1, False, RESUBMIT, id="429"),
+        pytest.param(http(408), None, 1, False, RESUBMIT, id="408"),
+        pytest.param(http(409), None, 2, False, RESUBMIT, id="409"),
+        pytest.param({"status_code": 502, "body": None}, None, 1, False, RESUBMIT, id="502-bare"),
+        # other HTTP errors fail for good at once, with the API's code (or type) and message
+        pytest.param(
+            http(400, "invalid_value", "bad"),
+            None,
+            1,
+            False,
+            failed("HTTP 400 invalid_value: bad"),
+            id="400",
+        ),
+        pytest.param(
+            {"status_code": 401, "body": {"error": {"type": "auth", "message": "no"}}},
+            None,
+            1,
+            False,
+            failed("HTTP 401 auth: no"),
+            id="401-type-label",
+        ),
+        pytest.param(http(404, None, ""), None, 1, False, failed("HTTP 404 :"), id="404-empty"),
+        # an output line without a response is not retried (status 0)
+        pytest.param({}, {"code": "server_error"}, 1, False, failed("HTTP 0 :"), id="no-status"),
+        # with --llm-batch-fallback live a retryable line is left to the live API at once
+        pytest.param(
+            http(500), None, 1, True, failed("HTTP 500 server_error: boom"), id="500-live"
+        ),
+        # error-file lines (no response): the retryable codes, the rest fail for good
+        pytest.param(None, {"code": "server_error"}, 1, False, RESUBMIT, id="code-5xx"),
+        pytest.param(None, {"code": "rate_limit_exceeded"}, 2, False, RESUBMIT, id="code-429"),
+        pytest.param(None, {"code": "timeout"}, 1, False, RESUBMIT, id="code-timeout"),
+        pytest.param(
+            None,
+            {"code": "invalid_request", "message": "bad line"},
+            1,
+            False,
+            failed("invalid_request: bad line"),
+            id="code-invalid",
+        ),
+        pytest.param(None, None, 1, False, failed("error:"), id="nothing-said"),
+        pytest.param("junk", {"code": "timeout"}, 1, False, RESUBMIT, id="response-not-dict"),
+        pytest.param(
+            None, {"code": "timeout"}, 1, True, failed("timeout:"), id="code-timeout-live"
+        ),
+        # lines a job never ran: expired ones get another job, even with the live fallback
+        pytest.param(None, EXPIRED, 1, False, RESUBMIT, id="expired"),
+        pytest.param(None, EXPIRED, 1, True, RESUBMIT, id="expired-live"),
+        pytest.param(
+            None,
+            EXPIRED,
+            3,
+            True,
+            failed("batch_expired: not run (job expired)", 3),
+            id="expired-limit",
+        ),
+        pytest.param(None, MISSING, 1, False, RESUBMIT, id="missing"),
+        pytest.param(
+            None,
+            MISSING,
+            1,
+            True,
+            failed("missing_result: not run (job completed)"),
+            id="missing-live",
+        ),
+    ],
+)
+def test_line_verdict(
+    response: Any, error: Any, attempts: int, live: bool, expected: Verdict
+) -> None:
+    assert line_verdict(response, error, attempts, max_attempts=3, live=live) == expected
+
+
+def test_line_verdict_attempt_limit_is_the_setting() -> None:
+    assert line_verdict(http(500), None, 1, max_attempts=1, live=False) == failed(
+        "HTTP 500 server_error: boom"
+    )
+    assert line_verdict(http(500), None, 4, max_attempts=5, live=False) == RESUBMIT
+
+
+def planned(name: str, ordinal: int = 0, prompt: str = "") -> PlannedRequest:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt or name}]}
+    return PlannedRequest(
+        f"key-{name}-{ordinal}-{prompt}", f"t.py::{name}", ordinal, ENDPOINT, body
+    )
+
+
+def output_line(key: str, status: int) -> str:
+    """A line of a job's output file: an answer (200) or an HTTP error."""
+    body = {"choices": [{"message": {"content": "hi"}}]}
+    response = {"status_code": 200, "body": body} if status == 200 else http(status)
+    return json.dumps({"custom_id": key, "response": response})
+
+
+@pytest.mark.parametrize(
+    ("status", "job_error", "output", "errors", "stored", "retry", "failed_keys", "line"),
+    [
+        # a completed job: the answer stored, a 500 resubmitted, a line in neither file too
+        (
+            "completed",
+            None,
+            {"a": 200, "b": 500},
+            [],
+            ["a"],
+            ["b", "c"],
+            [],
+            "1 stored, 2 to resubmit",
+        ),
+        # an error-file line counts only when the output file did not settle it
+        (
+            "completed",
+            None,
+            {"a": 200, "b": 200},
+            ["b", "c"],
+            ["a", "b"],
+            [],
+            ["c"],
+            "2 stored, 1 failed",
+        ),
+        # an expired job keeps what finished and resubmits the rest
+        ("expired", None, {"a": 200}, [], ["a"], ["b", "c"], [], "1 stored, 2 to resubmit"),
+        # a cancelled job's unfinished lines fail with that reason
+        ("cancelled", None, {"a": 200}, [], ["a"], [], ["b", "c"], "1 stored, 2 failed"),
+        # a job that failed validation fails every line, with the API's reason
+        (
+            "failed",
+            "too_many_tasks",
+            {},
+            [],
+            [],
+            [],
+            ["a", "b", "c"],
+            "0 stored, 3 failed -- too_many_tasks: no",
+        ),
+        # token_limit_exceeded: every line goes into smaller jobs
+        (
+            "failed",
+            "token_limit_exceeded",
+            {},
+            [],
+            [],
+            ["a", "b", "c"],
+            [],
+            "0 stored, 3 to resubmit -- token_limit_exceeded: no",
+        ),
+    ],
+    ids=["completed", "error-file", "expired", "cancelled", "failed", "token-limit"],
+)
+def test_collect_settles_every_line_once(
+    status: str,
+    job_error: str | None,
+    output: dict[str, int],
+    errors: list[str],
+    stored: list[str],
+    retry: list[str],
+    failed_keys: list[str],
+    line: str,
+) -> None:
+    requests = {k: [f"t.py::{k}", 0, ENDPOINT, {"model": "m"}] for k in "abc"}
+    lines = JobLines(
+        requests,
+        lambda key, response, error: line_verdict(response, error, 1, max_attempts=3, live=False),
+    )
+    out = [output_line(k, code) for k, code in output.items()]
+    got: list[str] = []
+    # lines that are not JSON, or of another job, are skipped
+    read_output(
+        lines, "\n".join([*out, "not json", output_line("x", 200)]), lambda k, r: got.append(k)
+    )
+    read_errors(lines, "\n".join(json.dumps({"custom_id": k, "error": {}}) for k in errors))
+    found = [SimpleNamespace(code=job_error, message="no", line=None)] if job_error else []
+    batch = SimpleNamespace(id="batch_1", status=status, errors=SimpleNamespace(data=found))
+    settle_unseen(lines, batch, lambda size: size > 1)
+    assert (got, sorted(lines.retry), sorted(lines.errors)) == (stored, retry, failed_keys)
+    collected = lines.collected("batch_1", status, live=False)
+    assert collected.line == f"llmbench batch: job batch_1 {status}: {line}"
+    assert (collected.stored, collected.failed) == (len(stored), len(failed_keys))
+
+
+def test_token_limits_halve_until_a_single_request_still_fails() -> None:
+    limits = TokenLimits()
+    assert limits.halve("gpt-4o-mini", 4) and limits.cap("gpt-4o-mini", 50_000) == 2
+    assert limits.halve("gpt-4o-mini", 2) and limits.cap("gpt-4o-mini", 50_000) == 1
+    assert not limits.halve("gpt-4o-mini", 1)
+    # a limited model's jobs run one at a time
+    now, later = limits.take([[planned("a")], [planned("b")]], busy=set())
+    assert (len(now), len(later)) == (1, 1)
+
+
+def test_rounds_ask_once_and_fail_changed_and_too_deep_requests() -> None:
+    rounds = Rounds(max_rounds=2)
+    first = [planned("a"), planned("b")]
+    assert rounds.plan(first, 0.5, lambda key: False) == first
+    assert not rounds.exhausted(first)
+    rounds.start(first)
+    # round 2: a asks something else in its slot; b was asked; b's second call is new
+    changed, dependent = planned("a", prompt="at 12:01"), planned("b", 1)
+    fresh = rounds.plan([changed, first[1], dependent], 0.25, lambda key: False)
+    assert fresh == [dependent]
+    rounds.start(fresh)
+    assert (rounds.count, rounds.plan_s, rounds.only) == (2, 0.75, {"t.py::a", "t.py::b"})
+    assert "sent a different request in plan round 2" in rounds.errors[changed.key]
+    # round 3 would exceed the limit: its requests fail with it
+    deeper = [planned("b", 2)]
+    assert rounds.plan(deeper, 0.0, lambda key: False) == deeper
+    assert rounds.exhausted(deeper)
+    assert "more than --llm-batch-max-rounds 2" in rounds.errors[deeper[0].key]
+    assert rounds.notes(live=True) == [
+        "1 request(s) still unanswered after 2 round(s) (raise --llm-batch-max-rounds)"
+        "; left to the live API",
+        "1 request(s) changed between plan rounds",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settled", "keys"),
+    [
+        (None, ["jobs", "waited_s", "rounds"]),  # the stage did not run
+        (False, ["jobs", "waited_s", "rounds", "plan_s"]),  # stopped early (timeout, detach)
+        (True, ["jobs", "waited_s", "rounds", "plan_s", "failed", "unanswered", "notes"]),
+    ],
+)
+def test_stats_report_keys_and_round_trip(settled: bool | None, keys: list[str]) -> None:
+    rounds, log = Rounds(5), FetchLog(submitted=["b1", "b2"], lost=["b1"], waited_s=1.23456)
+    log.failed.add("k")
+    stats = BatchStats() if settled is None else BatchStats.of(rounds, log)
+    if settled:
+        stats.settle(rounds, log, live=False)
+    report = stats.to_report()
+    assert list(report) == keys
+    assert BatchStats.from_report(report).to_report() == report
+    if settled:
+        assert report["jobs"] == ["b2"] and report["waited_s"] == 1.235
+        assert report["notes"] == [
+            "1 request(s) failed in the Batch API",
+            "job(s) unknown to the API, submitted again: b1",
+        ]
 
 
 # ---------------------------------------------------------------------------- the job
