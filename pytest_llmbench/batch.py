@@ -398,12 +398,12 @@ class _BatchStage:
 
 def _limits(state: RunState) -> Limits:
     # lowered limits are a test-only knob (see tests/test_batch.py)
-    raw = state.settings.get("llm_batch_max_requests")
-    return Limits(max_requests=max(1, int(raw))) if raw else Limits()
+    raw = state.options.batch_max_requests
+    return Limits(max_requests=raw) if raw else Limits()
 
 
 def _note(config: pytest.Config, line: str) -> None:
-    tr: Any = config.pluginmanager.get_plugin("terminalreporter")
+    tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:
         tr.write_line(line)
 

@@ -86,7 +86,6 @@ class RunState:
     """Everything the plugin keeps for one pytest process."""
 
     config: pytest.Config
-    settings: dict[str, Any]
     options: RunSettings
     llm_config: LLMConfig
     sim_enabled: bool
@@ -111,8 +110,6 @@ class RunState:
             settings = resolve_settings(cli, os.environ, ini)
             llm_config = build_config(settings)
             options = RunSettings.from_resolved(settings)
-            if options.batch_max_requests is not None:  # read by batch.py until it reads options
-                settings["llm_batch_max_requests"] = options.batch_max_requests
         except ConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
         run_dir = llm_config.run_dir
@@ -129,7 +126,7 @@ class RunState:
             llm_config = llm_config.with_changes(api_key=SIM_API_KEY)
         _check_rootdir_args(config)
         phase = os.environ.get(PHASE_ENV, "run")
-        state = cls(config, settings, options, llm_config, sim_enabled, phase)
+        state = cls(config, options, llm_config, sim_enabled, phase)
         state.run_token = shared.get("run_token") or os.urandom(8).hex()
         if shared.get("run_started") is not None:
             state.started_at = float(shared["run_started"])

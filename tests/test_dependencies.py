@@ -46,3 +46,14 @@ def test_every_runtime_dependency_is_used(dist: str) -> None:
         return
     module = IMPORT_NAMES.get(dist, dist.replace("-", "_"))
     assert module in imported_modules(), f"{dist} is declared but never imported"
+
+
+def test_every_module_is_in_the_layers_contract() -> None:
+    """A new module must take its place in the layers (pyproject.toml), so that
+    lint-imports guards it too."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    layers = text.split("layers = [", 1)[1].split("\n]", 1)[0]
+    listed = set(re.findall(r"pytest_llmbench\.(\w+)", layers))
+    modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert modules - listed == set()
