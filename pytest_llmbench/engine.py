@@ -38,7 +38,6 @@ from .plan import (
     runs_tests,
 )
 from .progress import PrefetchStats, Progress
-from .runtime import is_worker
 from .store import Failure
 
 if TYPE_CHECKING:
@@ -48,8 +47,7 @@ if TYPE_CHECKING:
 
 
 def prefetch_enabled(config: pytest.Config, state: RunState) -> bool:
-    if is_worker(config) or state.phase != "run":
-        return False
+    """Whether the controller plans and fetches before the tests run."""
     if state.options.no_prefetch and not state.llm_config.batch.enabled:
         return False
     if state.record_mode == "none":
