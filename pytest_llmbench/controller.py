@@ -319,18 +319,11 @@ def check_budget(state: RunState) -> None:
     cfg = state.llm_config
     if cfg.budget_url is None or cfg.budget_url == "none":
         return
-    from .budget import open_budget
     from .errors import BudgetError
+    from .transport import budget_for
 
     try:
-        budget = open_budget(
-            cfg.budget_url,
-            run_dir=cfg.run_dir,
-            key=cfg.model,
-            rpm=cfg.rpm,
-            tpm=cfg.tpm,
-            burst_seconds=cfg.burst_seconds,
-        )
+        budget = budget_for(cfg, cfg.model)
     except BudgetError as exc:
         raise pytest.UsageError(f"--llm-budget: {exc}") from None
     budget.close()

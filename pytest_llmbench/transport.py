@@ -33,6 +33,18 @@ if TYPE_CHECKING:
     from aiolimiter import AsyncLimiter
 
 
+def budget_for(config: LLMConfig, model: str) -> Budget:
+    """The shared budget of ``model`` as ``config`` describes it (file, Redis or none)."""
+    return open_budget(
+        config.budget_url,
+        run_dir=config.run_dir,
+        key=model,
+        rpm=config.rpm,
+        tpm=config.tpm,
+        burst_seconds=config.burst_seconds,
+    )
+
+
 T = TypeVar("T")
 MISSING_KEY = "no OpenAI API key: set OPENAI_API_KEY, or pass LLMConfig(api_key=...)"
 
@@ -172,14 +184,7 @@ class Shared:
         with self._lock:
             b = self._budgets.get(model)
             if b is None:
-                b = open_budget(
-                    self.config.budget_url,
-                    run_dir=self.config.run_dir,
-                    key=model,
-                    rpm=self.config.rpm,
-                    tpm=self.config.tpm,
-                    burst_seconds=self.config.burst_seconds,
-                )
+                b = budget_for(self.config, model)
                 self._budgets[model] = b
             return b
 
@@ -240,7 +245,7 @@ class Shared:
         client: openai.AsyncOpenAI | None = None,
         on_answer: OnAnswer | None = None,
     ) -> Answer:
-        """The async twin of :meth:`send`; the attempt logic lives in :class:`_Call`."""
+        """The async twin of :meth:`send`; the attempt logic lives in :class:`Call`."""
         import openai
 
         call = self._call(body, stats, on_answer)
