@@ -319,6 +319,15 @@ def _field_ids(rows: list[_Row], source: str, id_field: str) -> list[str]:
     return ids
 
 
+def _digest(text: str) -> str:
+    """The hex digest a content id is cut from: sha256 of ``text`` in UTF-8.
+
+    Looked up at each use, so a test can replace it (to force prefix collisions) without
+    patching ``hashlib`` for the whole process.
+    """
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _hash_ids(rows: list[_Row], source: str) -> list[str]:
     digests = []
     for row in rows:
@@ -334,7 +343,7 @@ def _hash_ids(rows: list[_Row], source: str) -> list[str]:
                 path=source,
                 line=row.where,
             ) from None
-        digests.append(hashlib.sha256(canonical.encode()).hexdigest())
+        digests.append(_digest(canonical))
     # 8 hex digits collide between *different* rows with odds ~n^2/2^33 (about 1% at 10k
     # rows). Such rows get 16 digits; deciding by the set of rows, not their order, keeps
     # the choice stable when rows move.

@@ -8,7 +8,9 @@ import pytest
 
 from pytest_llmbench.sim import SimConfig, Simulator
 
-FAKE_KEY = "sk-test-fake-key-do-not-use-0000"
+from .helpers import FAKE_KEY
+
+__all__ = ["FAKE_KEY"]  # re-exported: test files import it from here (new ones: from .helpers)
 
 
 @pytest.fixture

@@ -1,4 +1,8 @@
-"""LLMClient over real HTTP against the simulator, with the real openai SDK."""
+"""LLMClient over real HTTP against the simulator, with the real openai SDK.
+
+No test asserts on elapsed wall-clock time: waits for the budget run on a manual clock given
+to the budget, claims about rate limits and concurrency are read from the simulator's counters.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ import openai
 import pytest
 
 from pytest_llmbench import LLMCallError, LLMClient, LLMConfig
+from pytest_llmbench.budget import Budget, MemoryBudget
 from pytest_llmbench.retry import BackoffPolicy, parse_duration, reset_wait, retry_after
 from pytest_llmbench.sim import SimConfig, Simulator
 
-from .conftest import FAKE_KEY
+from .helpers import FAKE_KEY, ManualClock
 
 
-def make_client(sim: Simulator, tmp_path: Path, **changes: object) -> LLMClient:
+def make_client(
+    sim: Simulator, tmp_path: Path, *, budget: Budget | None = None, **changes: object
+) -> LLMClient:
     settings: dict[str, object] = {
         "api_key": FAKE_KEY,
         "base_url": sim.base_url,
@@ -27,7 +34,7 @@ def make_client(sim: Simulator, tmp_path: Path, **changes: object) -> LLMClient:
         "timeout": 5.0,
     }
     settings.update(changes)
-    return LLMClient(LLMConfig.model_validate(settings))
+    return LLMClient(LLMConfig.model_validate(settings), budget=budget)
 
 
 @pytest.fixture
@@ -123,7 +130,7 @@ def test_request_too_large_is_not_retried(sim: Simulator, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("fault", ["500", "503", "drop", "malformed", "429"])
 def test_transient_faults_are_retried(client: LLMClient, sim: Simulator, fault: str) -> None:
-    sim.configure(script=[fault, fault])
+    sim.configure(script=[fault, fault], fault_retry_after_ms=20)  # the hint of an injected 429
     r = client.generate_response("hello")
     assert r.ok and r.attempts == 3
     stats = sim.stats()
@@ -133,7 +140,7 @@ def test_transient_faults_are_retried(client: LLMClient, sim: Simulator, fault: 
 
 def test_hung_request_times_out_and_is_retried(sim: Simulator, tmp_path: Path) -> None:
     sim.configure(script=["hang"], hang_seconds=30)
-    with make_client(sim, tmp_path, timeout=2.0) as c:
+    with make_client(sim, tmp_path, timeout=0.5) as c:
         r = c.generate_response("hello")
     assert r.ok and r.attempts == 2
     assert sim.stats()["chat_answered"] == 1
@@ -161,30 +168,45 @@ def test_batch_generate_keeps_order_and_reports_failures(client: LLMClient, sim:
 
 
 def test_batch_generate_runs_concurrently(sim: Simulator, tmp_path: Path) -> None:
-    sim.configure(latency={"kind": "fixed", "mean": 0.2})
+    sim.configure(latency={"kind": "fixed", "mean": 0.1})
     with make_client(sim, tmp_path, max_concurrency=8) as c:
         results = c.batch_generate([f"q{i}" for i in range(16)])
     assert all(r.ok for r in results)
     assert sim.stats()["peak_in_flight"] >= 4
 
 
-def test_async_twin(client: LLMClient) -> None:
+def test_async_twin(client: LLMClient, sim: Simulator) -> None:
+    # The simulator answers a body deterministically at temperature 0, so the async calls
+    # must return exactly what the sync calls returned for the same prompts, in order.
+    prompts = [f"twin prompt {i}" for i in range(4)]
+    sync = [client.generate_response(p, temperature=0).text for p in prompts]
+
     async def main() -> list[str]:
-        rs = await asyncio.gather(*(client.agenerate_response(f"x{i}") for i in range(4)))
+        rs = await asyncio.gather(*(client.agenerate_response(p, temperature=0) for p in prompts))
         return [r.text for r in rs]
 
-    assert len(asyncio.run(main())) == 4
+    assert asyncio.run(main()) == sync
+    assert len(set(sync)) == 4  # distinct answers: a mix-up of the results cannot pass
+    assert sim.stats()["chat_answered"] == 8
 
 
-def test_rate_limit_is_respected_at_60_rpm(tmp_path: Path) -> None:
-    # The acceptance scenario: 60 requests per minute on both sides, 30 calls.
-    with Simulator(SimConfig(rpm=60), port=0) as server:
-        with make_client(server, tmp_path, rpm=60, backoff_max=2.0) as c:
+def test_rate_limit_is_respected_at_1200_rpm(tmp_path: Path) -> None:
+    # The acceptance scenario (60 requests per minute on both sides, a burst of one request,
+    # 30 calls), 20 times faster: 1,200 RPM with a burst window of 0.05 s is still a bucket
+    # of one request on both sides, so every call after the first waits for the budget.
+    limits = {"rpm": 1200, "burst_seconds": 0.05}
+    with Simulator(SimConfig(**limits), port=0) as server:
+        with make_client(server, tmp_path, **limits, backoff_max=0.1) as c:
             results = c.batch_generate([f"call {i}" for i in range(30)])
+            total = c.stats.total()
         stats = server.stats()
-    assert all(r.ok for r in results)
-    assert stats["chat_answered"] == 30
+    # all answered, none lost: every 429 was retried
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert stats["chat_answered"] == 30 and total.calls == 30
+    assert total.rate_limited == total.retries == stats["rate_limit_429"]
     print(f"429s seen by the simulator: {stats['rate_limit_429']}")
+    # paced by the budget: sent all at once, 28 of the 30 meet a 429 (the second one fits
+    # the simulator's 50 ms jitter tolerance)
     assert stats["rate_limit_429"] <= 3
 
 
@@ -273,13 +295,25 @@ def test_server_hint_wins_over_backoff(sim: Simulator) -> None:
 
 
 def test_latency_excludes_the_wait_for_the_budget(sim: Simulator, tmp_path: Path) -> None:
-    # Given a budget of 60 RPM with its one-request burst spent by a first call
-    with make_client(sim, tmp_path, rpm=60) as c:
+    # Given a budget of 600 RPM with a one-request burst, on a manual clock: the wait it
+    # asks for is exact, and its sleep really blocks for that long, so a latency that
+    # counted the wait would show it
+    clock = ManualClock()
+    wait_ended: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        time.sleep(seconds)
+        wait_ended.append(time.perf_counter())
+
+    budget = MemoryBudget(rpm=600, burst_seconds=0.1, clock=clock, sleep=sleep)
+    with make_client(sim, tmp_path, budget=budget) as c:
+        # When a first call spends the burst and the next one has to wait for the budget
         c.generate_response("first")
-        # When the next call has to wait about a second for the budget
-        started = time.perf_counter()
         r = c.generate_response("second")
-        waited = time.perf_counter() - started
-    # Then its latency is the HTTP round trip only, not the wait
-    assert waited > 0.5
-    assert r.latency < waited / 2
+        returned = time.perf_counter()
+    # Then only the second call waited, 0.1 s (one request at 600 RPM)...
+    assert clock.slept == [pytest.approx(0.1)]
+    # ...and its latency is the HTTP round trip only: it began after the wait was over
+    assert 0 < r.latency <= returned - wait_ended[0]
+    assert sim.stats()["chat_answered"] == 2

@@ -1,7 +1,10 @@
 """The simulator, over real HTTP with the real ``openai`` SDK (never patched).
 
 Each test starts its own simulator on a free loopback port (a few milliseconds), so no
-configuration leaks between tests. Waits poll an observable status with a bounded deadline.
+configuration leaks between tests. Waits poll an observable status with a bounded deadline;
+no test asserts on elapsed wall-clock time: claims about time run on a manual clock given to
+the simulator's state (its limits and storms read that clock), claims about concurrency on the
+simulator's counters.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,8 +38,10 @@ from pytest_llmbench.sim.__main__ import build_parser, config_from_args
 from pytest_llmbench.sim.__main__ import main as cli_main
 from pytest_llmbench.sim.answers import AnswerIndex
 from pytest_llmbench.sim.limits import ModelLimits
+from pytest_llmbench.sim.state import SimState
 
-KEY = "sk-test-fake-key-0000"
+from .helpers import FAKE_KEY, ManualClock, questions, wait_for
+
 MODEL = "gpt-4o-mini"
 DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?$")
 FAST_BATCH = {
@@ -56,17 +60,6 @@ def parse_duration(text: str) -> float:
     return int(h or 0) * 3600 + int(mins or 0) * 60 + float(s or 0) + int(ms or 0) / 1000
 
 
-def questions(n: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "question": f"What is the capital of imaginary country number {i}?",
-            "correct": f"City{i}",
-            "wrong": [f"Town{i}a", f"Town{i}b", f"Town{i}c"],
-        }
-        for i in range(n)
-    ]
-
-
 def ask(text: str) -> list[dict[str, str]]:
     return [
         {"role": "system", "content": "Answer with the name only."},
@@ -74,25 +67,20 @@ def ask(text: str) -> list[dict[str, str]]:
     ]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
 @pytest.fixture
 def start() -> Iterator[Callable[..., Simulator]]:
-    """Start a simulator with the given SimConfig fields; all are stopped at teardown."""
+    """Start a simulator with the given SimConfig fields; all are stopped at teardown.
+
+    ``clock=`` gives its state a clock (a :class:`ManualClock`): rate limits and storms then
+    run on it instead of ``time.monotonic``.
+    """
     started: list[Simulator] = []
 
-    def _start(**fields: Any) -> Simulator:
-        sim = Simulator(SimConfig(**fields), port=0).start()
+    def _start(clock: Callable[[], float] | None = None, **fields: Any) -> Simulator:
+        sim = Simulator(SimConfig(**fields), port=0)
+        if clock is not None:
+            sim.state = SimState(sim.config, clock=clock)  # before start(): the app serves it
+        sim.start()
         started.append(sim)
         return sim
 
@@ -107,7 +95,7 @@ def client() -> Iterator[Callable[..., openai.OpenAI]]:
     made: list[openai.OpenAI] = []
 
     def _client(sim: Simulator, **kwargs: Any) -> openai.OpenAI:
-        options: dict[str, Any] = {"api_key": KEY, "max_retries": 0, **kwargs}
+        options: dict[str, Any] = {"api_key": FAKE_KEY, "max_retries": 0, **kwargs}
         c = openai.OpenAI(base_url=sim.base_url, **options)
         made.append(c)
         return c
@@ -266,7 +254,7 @@ def test_unknown_model_is_404_model_not_found(start, client) -> None:
 
 
 def test_bad_api_key_is_401_and_never_echoed(start, client) -> None:
-    sim = start(api_keys=[KEY])
+    sim = start(api_keys=[FAKE_KEY])
     secret = "sk-test-fake-ABCDEFGHIJKLMNOPQRSTUVWXYZ987654"
     with pytest.raises(openai.AuthenticationError) as err:
         client(sim, api_key=secret).chat.completions.create(
@@ -279,12 +267,11 @@ def test_bad_api_key_is_401_and_never_echoed(start, client) -> None:
 
 def test_missing_key_bad_json_and_unknown_route_over_raw_http(start) -> None:
     sim = start()
+    auth = {"Authorization": f"Bearer {FAKE_KEY}"}
     with httpx2.Client(base_url=sim.url) as http:
         no_key = http.post("/v1/chat/completions", json={"model": MODEL})
-        bad_json = http.post(
-            "/v1/chat/completions", content=b"{nope", headers={"Authorization": f"Bearer {KEY}"}
-        )
-        nowhere = http.get("/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"})
+        bad_json = http.post("/v1/chat/completions", content=b"{nope", headers=auth)
+        nowhere = http.get("/v1/nowhere", headers=auth)
     assert no_key.status_code == 401
     assert no_key.json()["error"]["code"] == "invalid_api_key"
     assert bad_json.status_code == 400
@@ -339,8 +326,9 @@ def test_missing_messages_and_unknown_argument(start, client) -> None:
 
 
 def test_rpm_limit_refuses_a_burst_with_retry_after_and_headers(start, client) -> None:
-    # Given 120 RPM: a bucket of 2 requests refilling 2 per second
-    sim = start(rpm=120)
+    # Given 120 RPM: a bucket of 2 requests refilling 2 per second (on a manual clock)
+    clock = ManualClock()
+    sim = start(rpm=120, clock=clock)
     c = client(sim)
     messages = [{"role": "user", "content": "hi"}]
     results = []
@@ -371,8 +359,7 @@ def test_rpm_limit_refuses_a_burst_with_retry_after_and_headers(start, client) -
     assert f"Please try again in {retry_ms}ms" in err.message
 
     # And a request sent after the hinted wait passes
-    deadline = time.monotonic() + retry_ms / 1000
-    wait_for(lambda: time.monotonic() >= deadline, timeout=1.0)
+    clock.advance(retry_ms / 1000)
     assert c.chat.completions.create(model=MODEL, messages=messages).choices
     stats = sim.stats()
     assert stats["rate_limit_429"] == 3 and stats["chat_answered"] == 3
@@ -524,10 +511,11 @@ def test_scripted_faults_map_to_sdk_errors(start, client) -> None:
 
 def test_hang_trips_the_client_timeout_and_stops_cleanly(start, client) -> None:
     sim = start(script=["hang"], hang_seconds=30)
-    c = client(sim, timeout=2.0)
+    c = client(sim)
     with pytest.raises(openai.APITimeoutError):
-        _call(c)
+        _call(c.with_options(timeout=0.3))  # only the hung request needs a short timeout
     assert _call(c).choices  # the next request is served while nothing hangs anymore
+    assert sim.stats()["faults_injected"] == {"hang": 1}
 
 
 def test_fault_rates_are_seeded_and_reproducible(start, client) -> None:
@@ -549,7 +537,8 @@ def test_fault_rates_are_seeded_and_reproducible(start, client) -> None:
 
 
 def test_storm_for_k_requests_then_for_t_seconds(start, client) -> None:
-    sim = start()
+    clock = ManualClock()  # the storm's seconds run on it
+    sim = start(clock=clock)
     c = client(sim)
     sim.configure(storm={"requests": 3, "retry_after_ms": 50})
     for _ in range(3):
@@ -560,34 +549,39 @@ def test_storm_for_k_requests_then_for_t_seconds(start, client) -> None:
     assert _call(c).choices
     assert sim.config.storm is None
 
+    # When a storm is set for 0.3 s
     sim.configure(storm={"seconds": 0.3})
-    began = time.monotonic()
-    refused = 0
-
-    def passes() -> bool:
-        nonlocal refused
-        try:
+    began = clock()
+    # Then every request during those 0.3 s is refused...
+    for offset in (0.0, 0.1, 0.2, 0.29):
+        clock.t = began + offset
+        with pytest.raises(openai.RateLimitError) as err:
             _call(c)
-        except openai.RateLimitError:
-            refused += 1
-            return False
-        return True
-
-    wait_for(passes, timeout=3.0, interval=0.02)
-    assert time.monotonic() - began >= 0.29 and refused >= 2
-    assert sim.stats()["faults_injected"]["storm"] == 3 + refused
+        assert err.value.code == "rate_limit_exceeded"
+        assert sim.stats()["storm_active"]
+    # ...and the first one once they are over passes; the storm is gone
+    clock.t = began + 0.3
+    assert _call(c).choices
+    assert sim.config.storm is None and not sim.stats()["storm_active"]
+    assert sim.stats()["faults_injected"]["storm"] == 3 + 4
 
 
 def test_latency_and_peak_in_flight(start, client) -> None:
+    # Given a fixed latency of 0.3 s
     sim = start(latency=LatencyConfig(kind="fixed", mean=0.3))
     c = client(sim)
-    began = time.monotonic()
+    # When 8 requests are sent at once
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: _call(c), range(8)))
-    elapsed = time.monotonic() - began
-    assert 0.3 <= elapsed < 2.0
+        assert all(r.choices for r in pool.map(lambda _: _call(c), range(8)))
     stats = sim.stats()
+    # Then the latency held each one in the server until all 8 were there (without it, each
+    # is answered within a millisecond, long before the eighth arrives), none is left over
     assert stats["peak_in_flight"] == 8 and stats["in_flight"] == 0
+    assert stats["chat_answered"] == 8
+    # And they waited side by side: the answers were ready together, in one second of the
+    # counter (two when they straddle a second's end); one after another they would spread
+    # over 2.4 s, three seconds or more
+    assert len(stats["answered_per_second"]) <= 2, stats["answered_per_second"]
 
 
 def test_lognormal_latency_parse_and_cli_spec() -> None:
@@ -620,7 +614,9 @@ def test_duplicate_bodies_count_only_repeated_successes(start, client) -> None:
 # -- answer key --------------------------------------------------------------------------
 
 
-def test_answer_index_prefers_the_longest_match_and_scales() -> None:
+def test_answer_index_prefers_the_longest_match_and_scales(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     items = [AnswerItem(**q) for q in questions(30_000)]
     items.append(AnswerItem(question="What is 2+2?", correct="4", wrong=["5"]))
     items.append(AnswerItem(question="What is 2+2? Show your work.", correct="4, as 2+2", wrong=[]))
@@ -629,17 +625,27 @@ def test_answer_index_prefers_the_longest_match_and_scales() -> None:
     hit = index.find(prompt)
     assert hit is not None and hit.correct == "4, as 2+2"
 
-    began = time.monotonic()
+    # It scales: a prompt in the usual layout is found by exact lookups, never by a scan of
+    # all 30,000 questions (counted on the index, so the claim does not depend on the load)
+    scans: list[str] = []
+    scan = index._scan
+
+    def counted_scan(text: str) -> AnswerItem | None:
+        scans.append(text)
+        return scan(text)
+
+    monkeypatch.setattr(index, "_scan", counted_scan)
     for i in range(0, 30_000, 30):
         found = index.find(ask(f"What is the capital of imaginary country number {i}?"))
         assert found is not None and found.correct == f"City{i}"
-    assert time.monotonic() - began < 1.0
+    assert scans == []
     # an unusual layout falls back to the scan, which still finds the question
     inline = [
         {"role": "user", "content": "Q - What is the capital of imaginary country number 7? go"}
     ]
     found = index.find(inline)
     assert found is not None and found.correct == "City7"
+    assert len(scans) == 1
 
 
 def test_load_answer_key_from_jsonl_json_and_objects(tmp_path: Path) -> None:
@@ -944,7 +950,7 @@ def test_cli_serves_until_terminated(tmp_path: Path) -> None:
             r"pytest-llmbench simulator listening on (http://127\.0\.0\.1:\d+/v1)", line
         )
         assert m, line
-        with openai.OpenAI(api_key=KEY, base_url=m.group(1), max_retries=0) as c:
+        with openai.OpenAI(api_key=FAKE_KEY, base_url=m.group(1), max_retries=0) as c:
             r = c.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "Ping?"}], temperature=0
             )
