@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,7 +43,8 @@ from pytest_llmbench.plan import PlannedRequest
 from pytest_llmbench.sim import SimConfig, Simulator
 from pytest_llmbench.store import ResponseStore, request_key
 
-FAKE_KEY = "sk-test-fake-key-do-not-use-0000"
+from .helpers import FAKE_KEY, wait_for
+
 ENDPOINT = "/v1/chat/completions"
 FAST = {
     "batch_validating_seconds": 0.05,
@@ -186,16 +186,6 @@ def make_bench(
     yield make
     for sim in started:
         sim.stop()
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)  # polling an observable condition, not standing in for it
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def key_of(nodeid: str, question: str, temperature: float = 0.0) -> str:
@@ -711,7 +701,7 @@ def test_cancelled_job_says_so_and_keeps_the_lines_it_finished(
             jobs = bench.batches()
             return jobs and jobs[0].request_counts.completed >= 1 and jobs[0]
 
-        job = wait_for(started, "a job with a finished line")
+        job = wait_for(started, "a job with a finished line", timeout=20)
         bench.api.batches.cancel(job.id)
 
     canceller = threading.Thread(target=cancel_when_started)
@@ -756,7 +746,11 @@ def test_kill_during_polling_then_rerun_resumes_the_same_job(
             start_new_session=True,
         )
         try:
-            wait_for(lambda: any(j.get("batch_id") for j in bench.saved_jobs()), "a saved job")
+            wait_for(
+                lambda: any(j.get("batch_id") for j in bench.saved_jobs()),
+                "a saved job",
+                timeout=20,
+            )
             assert proc.poll() is None, log.read_text()
         finally:
             os.killpg(proc.pid, signal.SIGKILL)

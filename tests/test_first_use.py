@@ -20,7 +20,8 @@ from pytest_llmbench import ConfigError, LLMClient, LLMConfig
 from pytest_llmbench.sim import SimConfig, Simulator
 from pytest_llmbench.store import ResponseStore
 
-from .test_plugin import answer_key, make_suite, read_report
+from .helpers import answer_key
+from .test_plugin import make_suite, read_report
 
 #: the only key the stand-in for the real API accepts (obviously fake)
 API_KEY = "sk-test-fake-standin-api-0001"

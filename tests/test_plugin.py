@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 from pytest_llmbench.report import validate_report
 from pytest_llmbench.sim import SimConfig, Simulator
 
-from .conftest import FAKE_KEY
+from .helpers import FAKE_KEY, answer_key, wait_for
 
 SUITE = """
 import pytest
@@ -35,10 +34,6 @@ def write_dataset(path: Path, n: int) -> list[dict[str, Any]]:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return rows
-
-
-def answer_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"question": r["question"], "correct": r["answer"], "wrong": ["nope"]} for r in rows]
 
 
 def make_suite(
@@ -319,18 +314,16 @@ def test_kill_and_resume_never_pays_twice(pytester: pytest.Pytester, server: Sim
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 60
-
-    def wait_for(condition: Any) -> None:
-        while not condition(server.stats()):
-            assert time.monotonic() < deadline, server.stats()
-            time.sleep(0.02)  # polling the server's counters, with a deadline
-
-    wait_for(lambda s: s["chat_answered"] >= 40)
+    stats = server.stats
+    wait_for(lambda: stats()["chat_answered"] >= 40, "40 answers", timeout=60)
     # When both workers are blocked in a hung request (so every answer they received has
     # been saved: each worker sends its next request only after storing the last one)...
     server.configure(script=["hang", "hang"], hang_seconds=60)
-    wait_for(lambda s: s["faults_injected"].get("hang", 0) == 2 and s["in_flight"] == 2)
+    wait_for(
+        lambda: stats()["faults_injected"].get("hang", 0) == 2 and stats()["in_flight"] == 2,
+        "both workers in a hung request",
+        timeout=60,
+    )
     # ...the run is killed with SIGKILL half-way through
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
