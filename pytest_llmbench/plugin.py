@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -305,17 +304,11 @@ def _case_properties(item: pytest.Item, report: pytest.TestReport, excinfo: Any)
         error = (str(excinfo.value).splitlines() or [excinfo.typename])[0][:300]
     elif outcome == "failed" and excinfo is not None:
         error = (str(excinfo.value).splitlines() or [excinfo.typename])[0][:300]
-    case = dataclasses.replace(
-        acc,
-        nodeid=item.nodeid,
-        suite=getattr(item, "originalname", item.name),
-        module=item.nodeid.split("::", 1)[0],
-        item_id=param[0].id if param else None,
-        temperature=param[1] if param else None,
-        sample=param[2] if param else None,
-        outcome=outcome,
-        error=error,
-        latency_s=round(acc.latency_s, 6),
-        duration_s=round(report.duration, 6),
-    )
-    return case.to_dict()
+    # the case's own result, finished in place (it is this item's alone)
+    acc.nodeid, acc.module = item.nodeid, item.nodeid.split("::", 1)[0]
+    acc.suite = getattr(item, "originalname", item.name)
+    if param:
+        acc.item_id, acc.temperature, acc.sample = param[0].id, param[1], param[2]
+    acc.outcome, acc.error = outcome, error
+    acc.latency_s, acc.duration_s = round(acc.latency_s, 6), round(report.duration, 6)
+    return acc.to_dict()
