@@ -57,6 +57,7 @@ from .batch_rounds import BatchCost, BatchStats, FetchLog, Rounds
 from .batch_wait import TERMINAL, BatchProgress, JobWaiter
 from .errors import LLMCallError
 from .plan import run_plan
+from .progress import note
 
 if TYPE_CHECKING:
     import openai
@@ -290,7 +291,7 @@ def make_runner(config: pytest.Config, state: RunState) -> BatchRunner:
         state.store,
         lambda total: BatchProgress(config, total),
         limits=_limits(state),
-        note=lambda line: _note(config, line),
+        note=lambda line: note(config, line),
     )
 
 
@@ -308,7 +309,7 @@ def fetch_batch(
     runner = runner or make_runner(config, state)
     resumed = [i for i in runner.resume() if i not in runner.log.submitted]
     if resumed:
-        _note(config, f"llmbench batch: resuming job(s) {', '.join(resumed)}")
+        note(config, f"llmbench batch: resuming job(s) {', '.join(resumed)}")
     in_flight = runner.pending_keys()
     todo = [p for p in planned if p.key not in in_flight and not state.is_answered(p.key)]
     queue = runner.chunks(todo)
@@ -318,12 +319,12 @@ def fetch_batch(
         if now:
             ids = runner.submit(now)
             count = sum(len(c) for c in now)
-            _note(config, f"llmbench batch: submitted {count} request(s) as {', '.join(ids)}")
+            note(config, f"llmbench batch: submitted {count} request(s) as {', '.join(ids)}")
         for b in runner.wait_all(detach=state.llm_config.batch.detach):
             got = runner.collect(b)
             stored += got.stored
             queue += runner.chunks(got.resubmit)
-            _note(config, got.line)
+            note(config, got.line)
         lost = [p for p in runner.take_requeue() if not state.is_answered(p.key)]
         queue += runner.chunks(lost)
     return stored
@@ -400,12 +401,6 @@ def _limits(state: RunState) -> Limits:
     # lowered limits are a test-only knob (see tests/test_batch.py)
     raw = state.options.batch_max_requests
     return Limits(max_requests=raw) if raw else Limits()
-
-
-def _note(config: pytest.Config, line: str) -> None:
-    tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(line)
 
 
 def summary_lines(stats: BatchStats, cases: Sequence[CaseResult], prices: PriceTable) -> list[str]:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .progress import LiveLine
+
 if TYPE_CHECKING:
     from .batch_api import BatchApi
     from .batch_ledger import Job, JobLedger
@@ -180,14 +182,12 @@ class JobWaiter:
 
 
 class BatchProgress:
-    """status, completed/failed/total, elapsed and an ETA, through the terminal writer."""
+    """status, completed/failed/total, elapsed and an ETA, through the one progress
+    writer (``progress.LiveLine``); a change of status is shown at once."""
 
     def __init__(self, config: pytest.Config, total: int) -> None:
         self.total = total
-        self._tr: Any = config.pluginmanager.get_plugin("terminalreporter")
-        self._last = ""
-        self._tty = bool(self._tr is not None and self._tr.isatty())
-        self._shown_at = 0.0
+        self._out = LiveLine(config)
         self._status = ""
         self._first: int | None = None  # lines finished when this wait began
 
@@ -204,17 +204,8 @@ class BatchProgress:
             f"llmbench batch: {status} {done}/{self.total} done, {failed} failed, "
             f"{elapsed:.0f}s elapsed, ETA {eta}"
         )
-        if self._tr is None or line == self._last:
-            return
-        now = time.monotonic()
-        if self._tty:
-            self._tr.rewrite(line, erase=True)
-        elif now - self._shown_at >= 5.0 or status != self._status:
-            self._tr.write_line(line)
-            self._shown_at = now
-        self._last = line
+        self._out.show(line, force=status != self._status)
         self._status = status
 
     def finish(self) -> None:
-        if self._tr is not None and self._tty:
-            self._tr.write_line("")
+        self._out.finish()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .progress import note
 from .runtime import PHASE_ENV
 
 if TYPE_CHECKING:
@@ -142,13 +143,8 @@ def plan_failed(config: pytest.Config, state: RunState, log: Path, status: int) 
 
     kept = ensure_run_dir(state.llm_config.run_dir) / "plan.log"
     shutil.copyfile(log, kept)
-    tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(
-            f"llmbench: planning exited with status {status}; the rest runs without "
-            f"prefetch (log: {kept})",
-            yellow=True,
-        )
+    line = f"llmbench: planning exited with status {status}; the rest runs without prefetch"
+    note(config, f"{line} (log: {kept})", yellow=True)
 
 
 def run_plan(

@@ -9,6 +9,51 @@ from dataclasses import dataclass
 import pytest
 
 
+class LiveLine:
+    """The one writer of a long phase's progress (the prefetch's, the Batch API's): on a
+    terminal one line rewritten in place, at most 4 times a second; otherwise a line every
+    ``every`` seconds, or at once when ``force``d, so CI logs stay short."""
+
+    def __init__(self, config: pytest.Config, every: float = 5.0) -> None:
+        self._tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin(
+            "terminalreporter"
+        )
+        self._tty = bool(self._tr is not None and self._tr.isatty())
+        self._every = 0.25 if self._tty else every
+        self._shown_at = float("-inf")
+        self._text = ""
+
+    def show(self, text: str, force: bool = False) -> None:
+        if self._tr is None or text == self._text:
+            return
+        now = time.perf_counter()
+        if not force and now - self._shown_at < self._every:
+            return
+        self._shown_at, self._text = now, text
+        if self._tty:
+            self._tr.rewrite(text, erase=True)
+        else:
+            self._tr.write_line(text)
+
+    def finish(self, text: str | None = None) -> None:
+        """The last state (if any), and the line ended on a terminal."""
+        if self._tr is None:
+            return
+        if self._tty:
+            if text is not None:
+                self._tr.rewrite(text, erase=True)
+            self._tr.write_line("")
+        elif text is not None:
+            self._tr.write_line(text)
+
+
+def note(config: pytest.Config, line: str, **markup: bool) -> None:
+    """One line of a stage's news (a job submitted, planning failed) in the terminal."""
+    tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(line, **markup)
+
+
 class Progress:
     """done/total, requests per second (against the limit), 429s, retries and an ETA.
 
@@ -35,12 +80,7 @@ class Progress:
         self.rate_limited = 0
         self.tokens = 0
         self.started = time.perf_counter()
-        self._last = 0.0
-        self._tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin(
-            "terminalreporter"
-        )
-        self._tty = bool(self._tr is not None and self._tr.isatty())
-        self._every = 0.25 if self._tty else every
+        self._out = LiveLine(config, every)
 
     def advance(self, retries: int = 0, rate_limited: int = 0, tokens: int = 0) -> None:
         self.done += 1
@@ -68,26 +108,11 @@ class Progress:
             f" ETA {eta}"
         )
 
-    def _maybe_show(self, force: bool = False) -> None:
-        if self._tr is None:
-            return
-        now = time.perf_counter()
-        if not force and now - self._last < self._every:
-            return
-        self._last = now
-        if self._tty:
-            self._tr.rewrite(self.line(), erase=True)
-        else:
-            self._tr.write_line(self.line())
+    def _maybe_show(self) -> None:
+        self._out.show(self.line())
 
     def finish(self) -> None:
-        if self._tr is None:
-            return
-        if self._tty:
-            self._tr.rewrite(self.line(), erase=True)
-            self._tr.write_line("")
-        else:
-            self._tr.write_line(self.line())
+        self._out.finish(self.line())
 
 
 @dataclass(frozen=True)
