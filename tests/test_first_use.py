@@ -43,12 +43,6 @@ def output(result: pytest.RunResult) -> str:
     return result.stdout.str() + "\n" + result.stderr.str()
 
 
-def blocks(result: pytest.RunResult) -> str:
-    """The output less pytest's one-line short summary (which repeats each first line)."""
-    lines = output(result).splitlines()
-    return "\n".join(line for line in lines if not line.startswith(("FAILED ", "ERROR ")))
-
-
 # ---------------------------------------------------------------------- 1. the key
 def test_client_alone_reads_the_environment(
     api: Simulator, monkeypatch: pytest.MonkeyPatch
@@ -289,9 +283,10 @@ def test_api_error(case, llm):
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_each_failure_is_told_once(pytester: pytest.Pytester, workers: str) -> None:
     pytester.makepyfile(test_suite=WRONG_AND_BROKEN)
-    result = pytester.runpytest("--llm-sim", "-n", workers)
+    # -rN: no short test summary, which repeats each message (whole, on CI)
+    result = pytester.runpytest("--llm-sim", "-n", workers, "-rN")
     result.assert_outcomes(failed=2)
-    text = blocks(result)
+    text = output(result)
     assert "During handling of the above exception" not in text
     assert text.count("expected: 2") == 1
     assert text.count("API error:") == 1
@@ -308,9 +303,9 @@ def test_x(case, llm):
     pass
 """
     )
-    result = pytester.runpytest("--llm-sim")
+    result = pytester.runpytest("--llm-sim", "-rN")
     assert result.ret == pytest.ExitCode.INTERRUPTED
-    text = blocks(result)
+    text = output(result)
     assert text.count("qa.jsonl:2: duplicate id 'a' (also on line 1)") == 1
     assert "During handling" not in text
 
