@@ -48,7 +48,7 @@ REQUEST_HEADERS = frozenset({"content-type"})
 RESPONSE_HEADERS = frozenset({"content-type", "x-request-id"})
 KEY_PLACEHOLDER = "<OPENAI_API_KEY>"
 #: the SDK needs some key to build a request; in record mode none no request leaves
-REPLAY_KEY = "sk-cassette-replay-nothing-is-sent"
+REPLAY_KEY = "sk-fake-cassette-replay-nothing-is-sent"
 MAX_NAME_BYTES = 120
 _FORBIDDEN = "<>?%*:|\"'/\\"
 # vcrpy's mode for each of ours; "once" is decided per case file in _Policy.protected
