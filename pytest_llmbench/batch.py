@@ -58,11 +58,12 @@ from .batch_wait import TERMINAL, BatchProgress, JobWaiter
 from .errors import LLMCallError
 from .plan import run_plan
 from .progress import note
+from .response import Answer
+from .store import PlannedRequest
 
 if TYPE_CHECKING:
     import openai
 
-    from .plan import PlannedRequest
     from .pricing import PriceTable
     from .results import CaseResult
     from .runtime import RunState
@@ -266,19 +267,11 @@ class BatchRunner:
 
     def _store(self, lines: JobLines, batch_id: str, key: str, response: dict[str, Any]) -> None:
         nodeid, ordinal, endpoint, body = lines.requests[key]
-        self.store.put(
-            key,
-            nodeid=nodeid,
-            ordinal=ordinal,
-            endpoint=endpoint,
-            request=body,
-            response=response["body"],
-            headers={"x-request-id": str(response.get("request_id", ""))},
-            latency_s=0.0,
-            source="batch",
-            batch_id=batch_id,
-            replace=self.state.fresh_since is not None,
-        )
+        request = PlannedRequest(key, nodeid, ordinal, endpoint, body)
+        headers = {"x-request-id": str(response.get("request_id", ""))}
+        answer = Answer(response["body"], headers, latency=0.0, attempts=1)
+        replace = self.state.fresh_since is not None
+        self.store.save(request, answer, source="batch", replace=replace, batch_id=batch_id)
 
 
 def make_runner(config: pytest.Config, state: RunState) -> BatchRunner:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .config import LLMConfig
 from .errors import LLMCallError, LLMPending
 from .response import Answer, ClientStats, ModelStats, Response, Usage, estimate_tokens
+from .store import PlannedRequest
 from .transport import MISSING_KEY, OnAnswer, Runner, Shared
 
 if TYPE_CHECKING:
@@ -162,19 +163,12 @@ class LLMClient:
         ctx = self.context
         if key is None or ctx is None or ctx.store is None:
             return
-        ctx.store.put(
-            key,
-            nodeid=ctx.nodeid,
-            ordinal=self._ordinals.pop(key, 0),
-            endpoint=ENDPOINT,
-            request=body,
-            response=raw.body,
-            headers=raw.headers,
-            latency_s=raw.latency,
+        request = PlannedRequest(key, ctx.nodeid, self._ordinals.pop(key, 0), ENDPOINT, body)
+        ctx.store.save(
+            request,
+            raw,
             source="cassette" if ctx.cassette_replay else "live",
             replace=ctx.fresh_since is not None,
-            attempts=raw.attempts,
-            rate_limited=raw.rate_limited,
         )
 
     def _saver(self, key: str | None, body: dict[str, Any]) -> OnAnswer:

@@ -126,19 +126,8 @@ class _Fetcher:
         self.progress = progress
 
     def answered(self, req: PlannedRequest, answer: Answer) -> None:
-        self.state.store.put(
-            req.key,
-            nodeid=req.nodeid,
-            ordinal=req.ordinal,
-            endpoint=req.endpoint,
-            request=req.body,
-            response=answer.body,
-            headers=answer.headers,
-            latency_s=answer.latency,
-            source="prefetch",
-            replace=self.state.fresh_since is not None,
-            attempts=answer.attempts,
-            rate_limited=answer.rate_limited,
+        self.state.store.save(
+            req, answer, source="prefetch", replace=self.state.fresh_since is not None
         )
         usage = answer.body.get("usage") or {}
         tokens = int(usage.get("total_tokens") or 0)

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +29,7 @@ import pytest
 
 from .progress import note
 from .runtime import PHASE_ENV
+from .store import PlannedRequest as PlannedRequest  # the planned requests are store records
 
 if TYPE_CHECKING:
     from .runtime import RunState
@@ -39,15 +39,6 @@ SHARED_ENV = "PYTEST_LLMBENCH_SHARED"
 ONLY_ENV = "PYTEST_LLMBENCH_PLAN_ONLY"
 #: exit statuses of a plan run that mean "planned": tests failing or none selected is fine
 PLAN_OK = (0, 1, 5)
-
-
-@dataclass(frozen=True)
-class PlannedRequest:
-    key: str
-    nodeid: str
-    ordinal: int
-    endpoint: str
-    body: dict[str, Any]
 
 
 # ------------------------------------------------------------------------ plan phase

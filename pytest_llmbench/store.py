@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,6 +43,10 @@ from .store_schema import (
     SIM_ORIGIN,
     TABLES,
     UNKNOWN_ORIGIN,
+    AnswerLike,
+    Failure,
+    PlannedRequest,
+    StoredResponse,
     migrate_v1,
 )
 
@@ -52,7 +56,9 @@ __all__ = [
     "SIM_ORIGIN",
     "SOURCES",
     "STORE_FILENAME",
+    "AnswerLike",
     "Failure",
+    "PlannedRequest",
     "ResponseStore",
     "StoredResponse",
     "ensure_run_dir",
@@ -78,38 +84,6 @@ def request_key(nodeid: str, ordinal: int, endpoint: str, body: Mapping[str, Any
         [nodeid, ordinal, endpoint, body], sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class StoredResponse:
-    """One stored API response: the raw JSON body, what produced it and where from."""
-
-    key: str
-    origin: str
-    nodeid: str
-    ordinal: int
-    endpoint: str
-    request: dict[str, Any]
-    response: dict[str, Any]
-    headers: dict[str, str]
-    latency_s: float
-    source: str
-    batch_id: str | None
-    created_at: float
-    attempts: int = 1  # HTTP requests it took (retries included)
-    rate_limited: int = 0  # 429s on the way
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a request failed for good in one run (the Batch API's or the prefetch's
-    verdict); the run's tests fail that call with it instead of sending it again."""
-
-    reason: str
-    source: str  # "batch" or "prefetch"
-    run: str  # the run token of the run that recorded it
-    attempts: int = 0
-    rate_limited: int = 0
 
 
 _COLUMNS = ", ".join(field.name for field in fields(StoredResponse))  # the table's, in order
@@ -333,6 +307,33 @@ class ResponseStore:
             return self._conn().execute(sql, row).rowcount == 1
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from exc
+
+    def save(
+        self,
+        request: PlannedRequest,
+        answer: AnswerLike,
+        *,
+        source: str,
+        replace: bool,
+        batch_id: str | None = None,
+    ) -> bool:
+        """Save ``answer`` to ``request``: the one way the client, the prefetch and the
+        Batch API store an answer (see :meth:`put`)."""
+        return self.put(
+            request.key,
+            nodeid=request.nodeid,
+            ordinal=request.ordinal,
+            endpoint=request.endpoint,
+            request=request.body,
+            response=answer.body,
+            headers=answer.headers,
+            latency_s=answer.latency,
+            source=source,
+            batch_id=batch_id,
+            replace=replace,
+            attempts=answer.attempts,
+            rate_limited=answer.rate_limited,
+        )
 
     def get(self, key: str) -> StoredResponse | None:
         """The stored response for ``key`` (from this handle's origin), or None."""

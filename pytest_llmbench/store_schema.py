@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 SCHEMA_VERSION = 2
 #: the origin of the built-in simulator's answers, whatever port it listened on
@@ -53,6 +54,66 @@ CREATE TABLE IF NOT EXISTS failures (
 );
 """
 TABLES = ("meta", "responses", "responses_nodeid", "state", "failures")
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """One stored API response: the raw JSON body, what produced it and where from."""
+
+    key: str
+    origin: str
+    nodeid: str
+    ordinal: int
+    endpoint: str
+    request: dict[str, Any]
+    response: dict[str, Any]
+    headers: dict[str, str]
+    latency_s: float
+    source: str
+    batch_id: str | None
+    created_at: float
+    attempts: int = 1  # HTTP requests it took (retries included)
+    rate_limited: int = 0  # 429s on the way
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a request failed for good in one run (the Batch API's or the prefetch's
+    verdict); the run's tests fail that call with it instead of sending it again."""
+
+    reason: str
+    source: str  # "batch" or "prefetch"
+    run: str  # the run token of the run that recorded it
+    attempts: int = 0
+    rate_limited: int = 0
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request of a test case: its store key (also the Batch API ``custom_id``), the
+    case, the call's ordinal in it, the endpoint and the body."""
+
+    key: str
+    nodeid: str
+    ordinal: int
+    endpoint: str
+    body: dict[str, Any]
+
+
+class AnswerLike(Protocol):
+    """What an answer brings to the store (``response.Answer`` is one)."""
+
+    @property
+    def body(self) -> dict[str, Any]: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def latency(self) -> float: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def rate_limited(self) -> int: ...
+
 
 #: the responses table's columns, in order (StoredResponse's fields, checked in store.py)
 COLUMNS = (
