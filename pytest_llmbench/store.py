@@ -317,8 +317,7 @@ class ResponseStore:
         replace: bool,
         batch_id: str | None = None,
     ) -> bool:
-        """Save ``answer`` to ``request``: the one way the client, the prefetch and the
-        Batch API store an answer (see :meth:`put`)."""
+        """Save ``answer`` to ``request`` (the client's, prefetch's and Batch API's way)."""
         return self.put(
             request.key,
             nodeid=request.nodeid,
