@@ -360,8 +360,9 @@ def _cassette_class() -> Any:
         def _catch_up(self) -> None:
             for i in range(self._indexed, len(self.data)):  # self.data only grows
                 recorded = self.data[i][0]
-                self._index.setdefault(_key(recorded), []).append(i)
-                self._origins.setdefault(_key(recorded)[1:], set()).add(_origin(recorded))
+                key = _key(recorded)
+                self._index.setdefault(key, []).append(i)
+                self._origins.setdefault(key[1:], set()).add(key[0])
             self._indexed = len(self.data)
 
         @property

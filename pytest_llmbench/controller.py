@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from .batch import BatchStats
     from .gates import Gate, GateResult
+    from .pricing import PriceTable
     from .progress import PrefetchStats
     from .results import SuiteSummary
     from .runtime import RunState
@@ -48,8 +49,6 @@ class Controller:
     """The controlling process's plugin object (see the module docstring)."""
 
     def __init__(self, config: pytest.Config, state: RunState) -> None:
-        from .runtime import load_prices, report_path
-
         self.config = config
         self.state = state
         self.cases: dict[str, CaseResult] = {}
@@ -312,6 +311,28 @@ def parse_gates(texts: tuple[str, ...]) -> list[Gate]:
         return [parse_gate(text) for text in texts]
     except ConfigError as exc:
         raise pytest.UsageError(f"--llm-gate: {exc}") from None
+
+
+def load_prices(path: Path | None) -> PriceTable:
+    """The price table, overridden by ``--llm-prices`` (read now, not after the run)."""
+    from .pricing import PriceTable
+
+    try:
+        return PriceTable.load(Path(path)) if path is not None else PriceTable()
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--llm-prices: {exc}") from None
+
+
+def report_path(config: pytest.Config, given: Path | None) -> Path | None:
+    """Where the report goes; its directory must exist now, not after a paid run."""
+    if given is None:
+        return None
+    path = config.invocation_params.dir / Path(given)
+    if path.is_dir():
+        raise pytest.UsageError(f"--llm-report: {given} is a directory; name a file")
+    if not path.parent.is_dir():
+        raise pytest.UsageError(f"--llm-report: directory {path.parent} does not exist")
+    return path
 
 
 def check_budget(state: RunState) -> None:

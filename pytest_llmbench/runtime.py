@@ -1,9 +1,10 @@
 """Per-process state of a pytest-llmbench run, kept in ``config.stash``.
 
-The controller (or the only process without xdist) owns the simulator, the collected
-case results, the gates and the report. Every process opens its own store handle and
-its own client lazily, on the first use of the ``llm`` fixture, so that ``pytest
---help`` and runs that never call a model stay fast.
+Every process (controller, xdist worker, plan subprocess) has one: the run's settings,
+token, start and freshness times and record mode, and its own store handle and client,
+opened lazily on the first use of the ``llm`` fixture, so that ``pytest --help`` and runs
+that never call a model stay fast. What only the controlling process has (simulator,
+results, gates, report) lives in ``controller.Controller``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from .errors import ConfigError, LLMCallError, StoreError
 from .results import CaseResult
 
 if TYPE_CHECKING:
-    from .pricing import PriceTable
     from .store import ResponseStore
 
 #: A fake key used against the built-in simulator; obviously not a secret.
@@ -229,27 +229,6 @@ def _check_rootdir_args(config: pytest.Config) -> None:
                 f"chooses rootdir, which changes node ids and stored answers; write "
                 f"{flag}={value}, or add a pytest.ini (or --rootdir)"
             )
-
-
-def load_prices(path: Path | None) -> PriceTable:
-    from .pricing import PriceTable
-
-    try:
-        return PriceTable.load(Path(path)) if path is not None else PriceTable()
-    except ConfigError as exc:
-        raise pytest.UsageError(f"--llm-prices: {exc}") from None
-
-
-def report_path(config: pytest.Config, given: Path | None) -> Path | None:
-    """Where the report goes; its directory must exist now, not after a paid run."""
-    if given is None:
-        return None
-    path = config.invocation_params.dir / Path(given)
-    if path.is_dir():
-        raise pytest.UsageError(f"--llm-report: {given} is a directory; name a file")
-    if not path.parent.is_dir():
-        raise pytest.UsageError(f"--llm-report: directory {path.parent} does not exist")
-    return path
 
 
 def _getini(config: pytest.Config, name: str) -> Any:
