@@ -9,6 +9,7 @@ calls through :meth:`LLMClient.arun`, the package's one concurrent path.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .config import LLMConfig
 from .errors import LLMCallError, LLMPending
 from .response import Answer, ClientStats, ModelStats, Response, Usage, estimate_tokens
+from .runner import Runner
 from .store import PlannedRequest
-from .transport import MISSING_KEY, OnAnswer, Runner, Shared
+from .transport import MISSING_KEY, OnAnswer, Shared
 
 if TYPE_CHECKING:
     import openai
@@ -51,6 +53,9 @@ class CallContext:
     run_started: float = 0.0  # answers fetched ahead after this are this run's, not cached
     run_token: str = ""  # failures the prefetch recorded under this token fail the call
     cassette_replay: bool = False  # every answer comes from a cassette: nothing is sent
+    # an answer the prefetch is still fetching: wait for it (True: look it up again)
+    await_answer: Callable[[str], bool] | None = None
+    stopped: Callable[[], str | None] | None = None  # why the run stops, or None
     ordinal: int = 0
 
     def next_ordinal(self) -> int:
@@ -140,6 +145,8 @@ class LLMClient:
         if key is None or ctx is None or ctx.store is None:
             return None
         stored = ctx.store.lookup(key, fresh_since=ctx.fresh_since)
+        if stored is None and ctx.await_answer is not None and ctx.await_answer(key):
+            stored = ctx.store.lookup(key, fresh_since=ctx.fresh_since)
         if stored is None:
             failure = ctx.store.failure(key)
             if (
@@ -195,6 +202,13 @@ class LLMClient:
         if self.context is not None and self.context.on_response is not None:
             self.context.on_response(response)
 
+    def _check_stop(self) -> None:
+        """Send nothing once the run stops (a fatal refusal in this or another process)."""
+        ctx = self.context
+        reason = ctx.stopped() if ctx is not None and ctx.stopped is not None else None
+        if reason is not None:
+            raise LLMCallError(reason, attempts=0, fatal=True)
+
     def _failed(self, error: LLMCallError) -> None:
         if self.context is not None and self.context.on_error is not None:
             self.context.on_error(error)
@@ -212,6 +226,7 @@ class LLMClient:
             self._notify(cached)
             return cached
         self._maybe_record([(key, body)])
+        self._check_stop()
         try:
             raw = self.shared.send(body, self.stats, on_answer=self._saver(key, body))
         except LLMCallError as exc:
@@ -229,6 +244,7 @@ class LLMClient:
             self._notify(cached)
             return cached
         self._maybe_record([(key, body)])
+        self._check_stop()
         try:
             raw = await self.shared.asend(body, self.stats, on_answer=self._saver(key, body))
         except LLMCallError as exc:
@@ -259,6 +275,7 @@ class LLMClient:
             results[i] = Response.failed(bodies[i], str(error), keys[i])
 
         if missing:
+            self._check_stop()
             asyncio.run(self.arun(missing, lambda i: bodies[i], answered, failed))
         out = [r for r in results if r is not None]
         for i, r in enumerate(out):
@@ -274,6 +291,7 @@ class LLMClient:
         on_error: Callable[[T, LLMCallError], None],
         *,
         scope: Callable[[T], AbstractContextManager[None]] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         """Send the request ``body(item)`` of every item concurrently, within the budget.
 
@@ -286,9 +304,11 @@ class LLMClient:
         fetching). ``on_answer(item, answer)`` runs the moment an answer arrives, before
         any bookkeeping (save it there); ``on_error(item, error)`` when a request failed
         for good. ``scope(item)`` wraps the sending of one item (cassettes file requests
-        under their case with it).
+        under their case with it). Once ``stop`` is set no new request starts (those in
+        flight finish and are handed over as usual).
         """
-        await Runner(self.shared, self.stats, body, on_answer, on_error, scope).run(items)
+        runner = Runner(self.shared, self.stats, body, on_answer, on_error, scope, stop)
+        await runner.run(items)
 
     def openai_client(self, *, timeout: float | None = None) -> openai.OpenAI:
         """The shared synchronous SDK client (SDK retries off), for the endpoints this

@@ -120,6 +120,9 @@ class LLMConfig(BaseModel):
         return self.base_url or DEFAULT_BASE_URL
 
 
+#: seconds a Ctrl-C or SIGTERM waits for the requests in flight (--llm-drain-timeout)
+DEFAULT_DRAIN_S = 10.0
+
 #: not options: knobs for this project's own tests, read from the environment only
 BATCH_MAX_REQUESTS_ENV = "LLMBENCH_BATCH_MAX_REQUESTS"  # requests per batch file (50,000)
 
@@ -137,6 +140,8 @@ class RunSettings:
     sample: int | None = None
     seed: str | None = None
     no_prefetch: bool = False
+    no_overlap: bool = False
+    drain_timeout: float | None = None
     fresh: bool = False
     record_mode: str | None = None
     cassette_dir: Path | None = None

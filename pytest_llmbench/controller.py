@@ -20,14 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .errors import ConfigError
+from .errors import FATAL_EXIT_STATUS, ConfigError
 from .results import CaseResult
+from .runtime import stop_message
 
 if TYPE_CHECKING:
     from xdist.workermanage import WorkerController  # type: ignore[import-untyped]
 
     from .batch import BatchStats
+    from .engine import Fetch
     from .gates import Gate, GateResult
+    from .interrupts import Interrupts
     from .pricing import PriceTable
     from .progress import PrefetchStats
     from .results import SuiteSummary
@@ -60,6 +63,9 @@ class Controller:
         self.batch_lines: list[str] = []
         self.summary: RunSummary | None = None
         self.sim: Simulator | None = None
+        self.session: pytest.Session | None = None
+        self.fetch: Fetch | None = None  # the prefetch, running or done
+        self.interrupts: Interrupts | None = None
 
     # ------------------------------------------------------------------ start and stop
     def start(self) -> None:
@@ -81,6 +87,11 @@ class Controller:
         from .plan import remove_collection_flags
 
         remove_collection_flags(self.state)
+        if self.interrupts is not None:
+            self.interrupts.restore()
+        if self.fetch is not None and self.fetch.journal is not None:
+            self.fetch.journal.close()
+        self.state.stop.remove()
         if self.sim is not None:
             self.sim.stop()
             self.sim = None
@@ -94,31 +105,123 @@ class Controller:
             data = {str(k)[4:]: v for k, v in props}
             self.cases[str(data["nodeid"])] = CaseResult.from_dict(data)
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """A first run (nothing stored, or --llm-fresh) starts planning and fetching now,
+        while this process or the xdist workers still collect."""
+        from .engine import streams
+
+        self.session = session
+        state = self.state
+        first = state.fresh_since is not None or len(state.store) == 0
+        if first and streams(self.config, state) and state.has_credentials():
+            self.begin_stream(None)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """Without xdist this process collects: plan and fetch before any test runs."""
+        """Without xdist this process collects: what the run will call is known now."""
         from .plan import calls_model, llm_nodeids
 
         self.collected(llm_nodeids(session.items), calls_model(session.items))
 
     def collected(self, nodeids: list[str] | None, calls: bool) -> None:
-        """What the run will call is known (None: every selected test may call)."""
-        from .engine import maybe_prefetch
+        """What the run will call is known (None: every selected test may call): start
+        the prefetch if it has not started (a run with answers stored plans only the
+        cases without any); the Batch API and cassettes finish theirs before any test."""
+        from .engine import prefetch_enabled, run_staged, streams, unanswered
         from .plan import runs_tests
 
+        state = self.state
         if calls and runs_tests(self.config):
-            self.state.check_credentials()
-        if nodeids is None or nodeids:
-            self.prefetch = maybe_prefetch(self.config, self.state, nodeids, self.batch_done)
+            state.check_credentials()
+        wanted = (nodeids is None or bool(nodeids)) and prefetch_enabled(self.config, state)
+        if wanted and self.fetch is None:
+            if streams(self.config, state):
+                only = unanswered(state, nodeids)
+                if only is None or only:
+                    self.begin_stream(only)
+            else:
+                staged = run_staged(self.config, state, nodeids, self.batch_done)
+                if staged is not None:
+                    self.watch(staged)
+                    self.wait_fetch()
+        if self.fetch is not None and state.options.no_overlap:
+            self.wait_fetch()
+        reason = state.stopped()
+        if reason is not None:
+            pytest.exit(stop_message(reason), returncode=FATAL_EXIT_STATUS)
+
+    def begin_stream(self, only: list[str] | None) -> None:
+        from .engine import start_stream
+
+        live_line = self.state.options.no_overlap  # else the tests' progress is shown
+        self.watch(start_stream(self.config, self.state, only, live_line=live_line))
+
+    def watch(self, fetch: Fetch) -> None:
+        """Keep the fetch, and catch Ctrl-C and SIGTERM while it runs."""
+        import threading
+
+        from .config import DEFAULT_DRAIN_S
+        from .interrupts import Interrupts
+
+        self.fetch = fetch
+        drain = self.state.options.drain_timeout
+        main = threading.current_thread() is threading.main_thread()
+        if self.session is not None and main and self.interrupts is None:
+            drain_s = DEFAULT_DRAIN_S if drain is None else drain
+            self.interrupts = Interrupts(fetch, self.session, drain_s)
+            self.interrupts.install()
+        elif self.interrupts is not None:
+            self.interrupts.fetch = fetch
+
+    def wait_fetch(self) -> None:
+        """Wait for the whole fetch (no overlap, cassettes); its figures and notes."""
+        from .progress import note
+
+        fetch = self.fetch
+        if fetch is None:
+            return
+        fetch.join()
+        for line in fetch.notes:
+            note(self.config, line, yellow=True)
+        fetch.notes.clear()
+        self.prefetch = fetch.stats() or self.prefetch
+
+    def end_fetch(self, session: pytest.Session) -> None:
+        """At the end of the session: a fetch still running finishes what the tests left
+        (a run stopped early sends nothing new and waits only for what is in flight)."""
+        from .config import DEFAULT_DRAIN_S
+
+        fetch = self.fetch
+        if fetch is None:
+            return
+        early = bool(session.shouldstop or session.shouldfail)
+        early = early or session.exitstatus == pytest.ExitCode.INTERRUPTED
+        try:
+            if early and fetch.running:
+                fetch.stop()
+                drain = self.state.options.drain_timeout
+                if not fetch.join(DEFAULT_DRAIN_S if drain is None else drain):
+                    fetch.abort()
+            self.wait_fetch()
+        except KeyboardInterrupt:
+            fetch.abort()  # a Ctrl-C now: the handler has already drained or aborted
+        if self.interrupts is not None:
+            self.interrupts.restore()
 
     def batch_done(self, stats: BatchStats) -> None:
         self.batch = stats
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        self.end_fetch(session)
         new_status = self.finish(int(session.exitstatus), time.time())
         if new_status is not None:
             session.exitstatus = new_status
+        if self.state.stopped() is not None:
+            session.exitstatus = FATAL_EXIT_STATUS
+        elif self.interrupts is not None and self.interrupts.message is not None:
+            session.exitstatus = pytest.ExitCode.INTERRUPTED
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.summary is not None:

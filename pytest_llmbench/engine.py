@@ -1,24 +1,36 @@
 """Plan -> fetch -> replay: how a run reaches the account's rate limit.
 
 pytest runs one test at a time per process, so ``-n 8`` alone keeps at most 8 requests in
-flight. Instead, before any worker starts, the controlling process:
+flight. Instead the controlling process:
 
 1. **plans**: runs the same pytest invocation in a subprocess with
    ``PYTEST_LLMBENCH_PHASE=plan`` (``plan.py``), which records each request that is not
-   stored yet.
+   stored yet;
 2. **fetches** every planned request concurrently, paced by the shared budget, saving each
-   answer the moment it arrives (live), or through the Batch API (``batch.py``).
+   answer the moment it arrives (live, :class:`Fetch`), or through the Batch API
+   (``batch.py``);
 3. lets the real session **replay**: the tests find their answers stored. Calls the plan
    could not know (a second call that depends on the first answer) run live, through the
    same budget.
+
+The three overlap. Planning streams into fetching, and the fetch runs in a thread of the
+controlling process while the tests run: a test whose answer has not arrived yet waits
+for it (the fetch journal, ``journal.py``), and the fetch sends requests in the order
+the tests will ask for them. ``--llm-no-overlap`` waits for the whole fetch first.
+
+A fatal refusal (``LLMCallError.fatal``) stops the fetch at once: nothing new is sent,
+what is in flight is stored, and the run's stop file tells every process. An interrupt
+(:meth:`Fetch.stop`) does the same and then waits a bounded time for what is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -28,6 +40,7 @@ import pytest
 
 from .cassettes import case_scope, fetch_cassette
 from .errors import LLMCallError
+from .journal import JournalWriter, journal_path
 from .plan import (
     PLAN_OK,
     PlannedRequest,
@@ -42,7 +55,7 @@ from .store import Failure
 
 if TYPE_CHECKING:
     from .batch import BatchStats
-    from .client import Answer
+    from .client import Answer, LLMClient
     from .runtime import RunState
 
 
@@ -53,6 +66,13 @@ def prefetch_enabled(config: pytest.Config, state: RunState) -> bool:
     if state.record_mode == "none":
         return False  # every answer is in a cassette: each test replays its own at once
     return runs_tests(config)
+
+
+def streams(config: pytest.Config, state: RunState) -> bool:
+    """Whether the prefetch streams while the tests run (not the Batch API, not
+    cassettes, which plan first and fetch before the tests)."""
+    batch = state.llm_config.batch.enabled
+    return prefetch_enabled(config, state) and not batch and state.record_mode is None
 
 
 def unanswered(state: RunState, nodeids: list[str] | None) -> list[str] | None:
@@ -68,150 +88,222 @@ def unanswered(state: RunState, nodeids: list[str] | None) -> list[str] | None:
     return [n for n in nodeids if n not in answered]
 
 
-def maybe_prefetch(
+def run_staged(
     config: pytest.Config,
     state: RunState,
     nodeids: list[str] | None,
     on_batch: Callable[[BatchStats], None],
-) -> PrefetchStats | None:
-    """Plan and fetch before the session runs (controller only); what the real-time
-    prefetch did, or None (nothing to fetch, or the Batch API: its statistics go to
-    ``on_batch``, also when the stage ends the session early)."""
-    if not prefetch_enabled(config, state):
-        return None
+) -> Fetch | None:
+    """The stages that finish before any test runs: the Batch API (its statistics go to
+    ``on_batch``), or with cassettes plan then fetch (returned, to be joined)."""
     # Batch mode always plans the whole selection: a case with some answers may still
     # have a dependent call to ask, or one in a job still open from an interrupted run;
     # skipping it would send that call live, at full price, or pay for it twice.
-    only = None if state.llm_config.batch.enabled else unanswered(state, nodeids)
-    if only is not None and not only:
-        return None  # every selected case has its answers stored: a pure replay
     workdir = Path(tempfile.mkdtemp(prefix="llmbench-plan-"))
-    try:
-        if state.llm_config.batch.enabled:
+    if state.llm_config.batch.enabled:
+        try:
             from .batch import run_rounds
 
             run_rounds(config, state, workdir, on_batch)
-            return None
-        if state.record_mode is not None:
-            # cassettes load the planned cases' files up front: plan first, then fetch
-            planned, plan_s = run_plan(config, state, workdir, only)
-            if not planned:
-                return None
-            state.check_credentials()
-            return fetch_live(config, state, planned, plan_s)
-        return stream_prefetch(config, state, workdir, only)
-    finally:
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return None
+    only = unanswered(state, nodeids)
+    if only is not None and not only:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def fetch_live(
-    config: pytest.Config, state: RunState, planned: list[PlannedRequest], plan_s: float
-) -> PrefetchStats:
-    """Send every planned request concurrently within the budget; store each answer."""
+        return None  # every selected case has its answers stored: a pure replay
+    # cassettes load the planned cases' files up front: plan first, then fetch
+    planned, plan_s = run_plan(config, state, workdir, only)
+    shutil.rmtree(workdir, ignore_errors=True)
     todo = [p for p in planned if not state.is_answered(p.key)]
-    progress = Progress(config, "llmbench prefetch", total=len(todo), rpm=state.llm_config.rpm)
-    started = time.perf_counter()
-    asyncio.run(_fetch_all(state, todo, progress))
-    progress.finish()
-    progress.total = len(planned)
-    return PrefetchStats.of(progress, round(plan_s, 3), plan_s, time.perf_counter() - started)
+    if not todo:
+        return None
+    state.check_credentials()
+    fetch = Fetch(config, state, live_line=True)
+    fetch.plan_s = fetch.plan_lead_s = round(plan_s, 3)
+    fetch.progress.total = len(todo)
+    fetch.start(lambda: fetch.fetch_planned(todo))
+    return fetch
 
 
-class _Fetcher:
-    """What the fetch stage does with each planned request's outcome: save the answer the
-    moment it arrives, remember a refusal no retry can mend, move the progress line."""
+def start_stream(
+    config: pytest.Config, state: RunState, only: Iterable[str] | None, *, live_line: bool
+) -> Fetch:
+    """Start planning and fetching in a thread; the tests may run meanwhile."""
+    fetch = Fetch(config, state, live_line=live_line)
+    fetch.journal = JournalWriter(journal_path(state.llm_config.run_dir, state.run_token))
+    fetch.start(lambda: fetch.stream(only))
+    return fetch
 
-    def __init__(self, state: RunState, progress: Progress) -> None:
-        self.state = state
-        self.progress = progress
 
+class Fetch:
+    """One prefetch, run in a thread of the controlling process with its own event loop
+    and client (the budget is shared through its file or Redis as usual)."""
+
+    def __init__(self, config: pytest.Config, state: RunState, *, live_line: bool) -> None:
+        from .client import LLMClient
+
+        self.config, self.state = config, state
+        rpm = state.llm_config.rpm
+        self.progress = Progress(config, "llmbench prefetch", total=0, rpm=rpm, live=live_line)
+        self.client: LLMClient = LLMClient(state.llm_config)
+        self.stopping = threading.Event()  # no new request starts
+        self.journal: JournalWriter | None = None
+        self.fatal: LLMCallError | None = None
+        self.interrupted = False
+        self.notes: list[str] = []  # lines for the main thread to print
+        self.plan_lead_s = 0.0
+        self.plan_s = 0.0
+        self.started = time.perf_counter()
+        self.wall = 0.0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- the thread
+    def start(self, work: Callable[[], Any]) -> None:
+        def main() -> None:
+            try:
+                asyncio.run(self._guarded(work))
+            except BaseException as exc:
+                if not self.interrupted:
+                    self.notes.append(f"llmbench prefetch stopped: {type(exc).__name__}: {exc}")
+            finally:
+                self.wall = time.perf_counter() - self.started
+                if self.journal is not None:
+                    self.journal.end("interrupted" if self.interrupted else "done")
+                self.client.close()
+
+        self._thread = threading.Thread(target=main, name="llmbench-prefetch", daemon=True)
+        self._thread.start()
+
+    async def _guarded(self, work: Callable[[], Any]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        await work()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the fetch to end; True when it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    def stop(self, *, interrupted: bool = False) -> None:
+        """Send nothing new; what is in flight finishes and is stored."""
+        self.interrupted = self.interrupted or interrupted
+        self.stopping.set()
+        if interrupted and self.journal is not None:
+            self.journal.end("interrupted")
+
+    def abort(self) -> None:
+        """Cancel what is still in flight (its answers are lost)."""
+        self.stop(interrupted=True)
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop has just closed
+                loop.call_soon_threadsafe(task.cancel)
+
+    def stats(self) -> PrefetchStats | None:
+        if not self.progress.total:
+            return None
+        return PrefetchStats.of(self.progress, self.plan_lead_s, self.plan_s, self.wall)
+
+    # ---------------------------------------------------------------- the outcomes
     def answered(self, req: PlannedRequest, answer: Answer) -> None:
         self.state.store.save(
             req, answer, source="prefetch", replace=self.state.fresh_since is not None
         )
+        if self.journal is not None:
+            self.journal.settled(req.key)
         usage = answer.body.get("usage") or {}
         tokens = int(usage.get("total_tokens") or 0)
         self.progress.advance(answer.attempts - 1, answer.rate_limited, tokens)
 
     def failed(self, req: PlannedRequest, exc: LLMCallError) -> None:
         """A request that no retry can mend (400, 401, 403, 404, 422, quota) fails its
-        case in the run without being sent again; a retryable one is tried live."""
+        case in the run without being sent again; a retryable one is tried live. A fatal
+        one stops the whole run."""
         if not exc.retryable:
             run = self.state.run_token
             failure = Failure(str(exc), "prefetch", run, exc.attempts, exc.rate_limited)
             self.state.store.record_failures({req.key: failure})
+        if exc.fatal and self.fatal is None:
+            self.fatal = exc
+            self.state.stop.trip(str(exc))
+            self.stopping.set()
+            if self.journal is not None:
+                self.journal.end("fatal", str(exc))
+        if self.journal is not None:
+            self.journal.settled(req.key)
         self.progress.fail(exc)
 
-    async def fetch(
+    async def _send(
         self, requests: Iterable[PlannedRequest] | AsyncIterable[PlannedRequest]
     ) -> None:
         # with cassettes each request is filed under its case's cassette
-        await self.state.client.arun(
-            requests, _body, self.answered, self.failed, scope=lambda r: case_scope(r.nodeid)
+        await self.client.arun(
+            requests,
+            _body,
+            self.answered,
+            self.failed,
+            scope=lambda r: case_scope(r.nodeid),
+            stop=self.stopping,
         )
+
+    async def fetch_planned(self, todo: list[PlannedRequest]) -> None:
+        # with cassettes: one in-memory cassette of all planned cases, saved split per case
+        with fetch_cassette(self.state, [r.nodeid for r in todo]):
+            await self._send(todo)
+        self.progress.finish()
+
+    async def stream(self, only: Iterable[str] | None) -> None:
+        """Plan and fetch at once: requests are sent while the plan subprocess still
+        finds more, so planning costs little more than the subprocess's start-up."""
+        workdir = Path(tempfile.mkdtemp(prefix="llmbench-plan-"))
+        try:
+            stream = _PlanStream(self, workdir, only)
+            await stream.run()
+            if stream.status not in PLAN_OK and not self.stopping.is_set():
+                self.notes.append(plan_failed(self.state, stream.log, stream.status))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if self.progress.total:
+            self.progress.finish()
 
 
 def _body(req: PlannedRequest) -> dict[str, Any]:
     return req.body
 
 
-async def _fetch_all(state: RunState, todo: list[PlannedRequest], progress: Progress) -> None:
-    # with cassettes: one in-memory cassette of all planned cases, saved split per case
-    with fetch_cassette(state, [r.nodeid for r in todo]):
-        await _Fetcher(state, progress).fetch(todo)
-
-
-def stream_prefetch(
-    config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None
-) -> PrefetchStats | None:
-    """Plan and fetch at once: requests are sent while the plan subprocess still finds
-    more, so planning costs little more than the subprocess's start-up."""
-    progress = Progress(config, "llmbench prefetch", total=0, rpm=state.llm_config.rpm)
-    progress.open_ended = True
-    started = time.perf_counter()
-    stream = _PlanStream(config, state, workdir, only, progress)
-    asyncio.run(stream.run())
-    if stream.status not in PLAN_OK:
-        plan_failed(config, state, stream.log, stream.status)
-    if not progress.total:
-        return None
-    progress.finish()
-    wall = time.perf_counter() - started
-    return PrefetchStats.of(progress, stream.plan_lead_s, stream.plan_s, wall)
-
-
 class _PlanStream:
     """The plan subprocess, and the requests it finds as an async iterable: the spool is
     read every 50 ms while the subprocess runs (a real wait on it, woken to read)."""
 
-    def __init__(
-        self,
-        config: pytest.Config,
-        state: RunState,
-        workdir: Path,
-        only: Iterable[str] | None,
-        progress: Progress,
-    ) -> None:
-        self.config, self.state, self.progress = config, state, progress
-        self.cmd, self.env, spool, self.log = plan_command(config, state, workdir, only)
+    def __init__(self, fetch: Fetch, workdir: Path, only: Iterable[str] | None) -> None:
+        self.fetch, self.state = fetch, fetch.state
+        self.cmd, self.env, spool, self.log = plan_command(fetch.config, self.state, workdir, only)
+        self.cwd = fetch.config.invocation_params.dir
         self.reader = SpoolReader(spool)
         self.started = time.perf_counter()
-        self.plan_s = 0.0
-        self.plan_lead_s = 0.0
         self.status = 0
 
     async def run(self) -> None:
         with self.log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
                 *self.cmd,
-                cwd=self.config.invocation_params.dir,
+                cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in the terminal is the controller's
             )
             try:
-                await _Fetcher(self.state, self.progress).fetch(self.requests(proc))
+                await self.fetch._send(self.requests(proc))
             finally:
                 if proc.returncode is None:
                     proc.kill()
@@ -219,20 +311,22 @@ class _PlanStream:
         self.status = int(proc.returncode or 0)
 
     async def requests(self, proc: asyncio.subprocess.Process) -> AsyncIterator[PlannedRequest]:
-        exited = False
-        while not exited:
+        fetch, progress, exited = self.fetch, self.fetch.progress, False
+        while not exited and not fetch.stopping.is_set():
             try:
                 await asyncio.wait_for(proc.wait(), timeout=0.05)
                 exited = True
             except asyncio.TimeoutError:
                 pass
-            for req in self.reader.read_new():
-                if self.state.is_answered(req.key):
-                    continue
-                if not self.progress.total:
-                    self.state.check_credentials()
-                    self.plan_lead_s = round(time.perf_counter() - self.started, 3)
-                self.progress.total += 1
+            new = [r for r in self.reader.read_new() if not self.state.is_answered(r.key)]
+            if new and not progress.total:
+                fetch.plan_lead_s = round(time.perf_counter() - self.started, 3)
+            if fetch.journal is not None:
+                fetch.journal.planned(r.key for r in new)
+            progress.total += len(new)
+            for req in new:
                 yield req
-        self.plan_s = time.perf_counter() - self.started
-        self.progress.open_ended = False
+        fetch.plan_s = time.perf_counter() - self.started
+        progress.open_ended = False
+        if fetch.journal is not None:
+            fetch.journal.planning_done()

@@ -7,6 +7,10 @@ an API key.
 
 from __future__ import annotations
 
+#: The exit status of a run stopped because the API refused a request for a reason every
+#: other request shares (key, permission, quota, model, parameter): see the README.
+FATAL_EXIT_STATUS = 6
+
 
 class LLMBenchError(Exception):
     """Base class of every error pytest-llmbench raises on purpose."""
@@ -55,14 +59,21 @@ class LLMCallError(LLMBenchError):
         error_type: str | None = None,
         attempts: int = 1,
         retryable: bool = False,
+        fatal: bool = False,
     ) -> None:
         self.status = status
+        self.fatal = fatal
         self.code = code
         self.error_type = error_type
         self.attempts = attempts
         self.rate_limited = 0
         self.retryable = retryable
         super().__init__(message)
+
+
+class RunStopped(LLMBenchError):
+    """The run is stopping (a fatal error elsewhere, an interrupt): this request was not
+    sent, and is not a failure of its own."""
 
 
 class StoreError(LLMBenchError):

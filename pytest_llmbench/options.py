@@ -35,6 +35,13 @@ def _record_mode(text: str) -> str:
     return mode
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("expected a number of seconds, 0 or more")
+    return value
+
+
 def _bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -305,6 +312,27 @@ OPTIONS: tuple[Option, ...] = (
         "do not plan and prefetch requests; each test calls the API itself",
         _bool,
         kind="flag",
+    ),
+    Option(
+        "llm_no_overlap",
+        "--llm-no-overlap",
+        "LLMBENCH_NO_OVERLAP",
+        None,
+        "fetch every planned answer before the first test runs (by default the tests "
+        "run while the prefetch fetches, each waiting for its own answer)",
+        _bool,
+        kind="flag",
+    ),
+    Option(
+        "llm_drain_timeout",
+        "--llm-drain-timeout",
+        "LLMBENCH_DRAIN_TIMEOUT",
+        None,
+        "on Ctrl-C or SIGTERM during the prefetch: seconds to wait for the requests in "
+        "flight (their answers are stored) before exiting; a second Ctrl-C exits at once",
+        _seconds,
+        metavar="S",
+        default="`10`",
     ),
     Option(
         "llm_fresh",

@@ -128,14 +128,15 @@ def plan_command(
     return [sys.executable, "-m", "pytest", *args, *extra], env, spool, workdir / "plan.log"
 
 
-def plan_failed(config: pytest.Config, state: RunState, log: Path, status: int) -> None:
-    # collection errors, usage errors...: the real session reports them itself
+def plan_failed(state: RunState, log: Path, status: int) -> str:
+    """The line saying planning failed (its log is kept in the run directory); collection
+    errors, usage errors...: the real session reports them itself."""
     from .store import ensure_run_dir
 
     kept = ensure_run_dir(state.llm_config.run_dir) / "plan.log"
     shutil.copyfile(log, kept)
     line = f"llmbench: planning exited with status {status}; the rest runs without prefetch"
-    note(config, f"{line} (log: {kept})", yellow=True)
+    return f"{line} (log: {kept})"
 
 
 def run_plan(
@@ -160,7 +161,7 @@ def run_plan(
         )
     elapsed = time.perf_counter() - started
     if proc.returncode not in PLAN_OK:
-        plan_failed(config, state, log, proc.returncode)
+        note(config, plan_failed(state, log, proc.returncode), yellow=True)
         return [], elapsed
     return read_spool(spool), elapsed
 

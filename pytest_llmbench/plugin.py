@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from .errors import DatasetError, LLMCallError, LLMPending
+from .errors import DatasetError, LLMCallError, LLMPending, RunStopped
 from .options import OPTIONS
-from .runtime import MISSING_KEY, CaseAccumulator, RunState, is_worker
+from .runtime import MISSING_KEY, CaseAccumulator, RunState, is_worker, stop_message
 
 if TYPE_CHECKING:
     from .client import LLMClient
@@ -219,6 +219,11 @@ def llm(request: pytest.FixtureRequest) -> LLMClient:
     state = request.config.stash[STATE]
     if state.phase == "run" and not state.has_credentials():
         pytest.exit(MISSING_KEY, returncode=pytest.ExitCode.USAGE_ERROR)
+    reason = state.stopped() if state.phase == "run" else None
+    if reason is not None:
+        # a fatal refusal stopped the run (here or in another worker): nothing more runs
+        request.session.shouldstop = stop_message(reason)
+        pytest.skip(f"llmbench: the run stopped: {reason}")
     acc = request.node.stash.setdefault(CASE, CaseAccumulator())
     recorder = _recorder(request.config) if state.phase == "plan" else None
     param = _param(request)
@@ -258,9 +263,16 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     except LLMPending:
         # plan phase: the test stopped at its first unanswered call; not a result
         message = None
+    except RunStopped as exc:
+        item.session.shouldstop = item.session.shouldstop or f"llmbench: {exc}"
+        message = ""
     except LLMCallError as exc:
         item.stash[API_ERROR] = str(exc)
         message = f"API error: {exc}"
+        if exc.fatal:
+            # every other request would get the same refusal: stop the session (xdist
+            # carries shouldstop to the controller, which stops the other workers)
+            item.session.shouldstop = stop_message(str(exc))
     except AssertionError as exc:
         short = item.config.option.tbstyle == "auto" and bool(str(exc))
         if item.get_closest_marker("llmbench") is None or not short:
@@ -270,6 +282,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     # "During handling of the above exception, another exception occurred"
     if message is None:
         pytest.skip("llmbench: planned")
+    if not message:
+        pytest.skip("llmbench: the run stopped before this case's answer arrived")
     pytest.fail(message, pytrace=False)
 
 

@@ -14,9 +14,10 @@ class LiveLine:
     terminal one line rewritten in place, at most 4 times a second; otherwise a line every
     ``every`` seconds, or at once when ``force``d, so CI logs stay short."""
 
-    def __init__(self, config: pytest.Config, every: float = 5.0) -> None:
-        self._tr: pytest.TerminalReporter | None = config.pluginmanager.get_plugin(
-            "terminalreporter"
+    def __init__(self, config: pytest.Config | None, every: float = 5.0) -> None:
+        # no config: a silent line (the tests' own progress has the terminal)
+        self._tr: pytest.TerminalReporter | None = (
+            None if config is None else config.pluginmanager.get_plugin("terminalreporter")
         )
         self._tty = bool(self._tr is not None and self._tr.isatty())
         self._every = 0.25 if self._tty else every
@@ -69,6 +70,7 @@ class Progress:
         total: int,
         rpm: int | None = None,
         every: float = 5.0,
+        live: bool = True,
     ) -> None:
         self.label = label
         self.total = total
@@ -80,7 +82,7 @@ class Progress:
         self.rate_limited = 0
         self.tokens = 0
         self.started = time.perf_counter()
-        self._out = LiveLine(config, every)
+        self._out = LiveLine(config if live else None, every)
 
     def advance(self, retries: int = 0, rate_limited: int = 0, tokens: int = 0) -> None:
         self.done += 1

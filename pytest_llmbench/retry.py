@@ -26,6 +26,8 @@ from .errors import LLMCallError
 QUOTA_CODES = frozenset(
     {"insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached"}
 )
+#: 400 codes naming a parameter or value the model does not accept: every request has it
+UNSUPPORTED_CODES = frozenset({"unsupported_parameter", "unsupported_value"})
 #: HTTP statuses that are retried (besides timeouts and dropped connections).
 RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
@@ -104,6 +106,19 @@ def is_too_large(exc: BaseException) -> bool:
         return False
     message = str(getattr(exc, "message", "") or exc)
     return "Request too large" in message
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether every other request of the run would get the same refusal: a wrong key
+    (401), no permission (403), no quota or credit, a model or path that does not exist
+    (404), a parameter or value the model does not accept (400 ``unsupported_*``)."""
+    if isinstance(exc, LLMCallError):
+        return exc.fatal
+    status = getattr(exc, "status_code", None)
+    if status in (401, 403, 404) or is_quota(exc):
+        return True
+    code, _ = error_code(exc)
+    return status == 400 and code in UNSUPPORTED_CODES
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -200,14 +215,7 @@ def describe(exc: BaseException, *, model: str, attempts: int) -> LLMCallError:
     elif status == 404:
         msg = f"not found (404): check --llm-model and --llm-base-url. {_no_key(raw)}"
     elif status in (400, 422):
-        param = None
-        body = getattr(exc, "body", None)
-        if isinstance(body, Mapping):
-            inner = body.get("error", body)
-            if isinstance(inner, Mapping):
-                param = inner.get("param")
-        where = f" (parameter {param!r})" if param else ""
-        msg = f"invalid request{where}: {_no_key(raw)}"
+        msg = _invalid_request(exc, code, model, raw)
     elif isinstance(exc, openai.APITimeoutError):
         msg = f"request timed out{tries}; raise --llm-timeout if the model is slow"
     elif isinstance(exc, openai.APIConnectionError):
@@ -224,7 +232,24 @@ def describe(exc: BaseException, *, model: str, attempts: int) -> LLMCallError:
         error_type=typ,
         attempts=attempts,
         retryable=is_retryable(exc),
+        fatal=is_fatal(exc),
     )
+
+
+def _invalid_request(exc: BaseException, code: str | None, model: str, raw: str) -> str:
+    param = None
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            param = inner.get("param")
+    if code in UNSUPPORTED_CODES:
+        return (
+            f"{model} does not accept parameter {param!r} ({code}): {_no_key(raw)} "
+            f"Drop it from the suite's calls, or choose another model."
+        )
+    where = f" (parameter {param!r})" if param else ""
+    return f"invalid request{where}: {_no_key(raw)}"
 
 
 _KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{4,}")

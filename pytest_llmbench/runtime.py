@@ -20,7 +20,8 @@ import pytest
 
 from .client import CallContext, LLMClient, Response
 from .config import LLMConfig, RunSettings, build_config, resolve_settings
-from .errors import ConfigError, LLMCallError, StoreError
+from .errors import ConfigError, LLMCallError, RunStopped, StoreError
+from .journal import FetchEnd, JournalReader, RunStop, Verdict, journal_path, stop_path
 from .results import CaseResult
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ PATH_OPTIONS = (
     "--llm-sim-config",
     "--llm-cassette-dir",
 )
+
+
+def stop_message(reason: str) -> str:
+    """The one line a fatal refusal ends the session with."""
+    return f"llmbench: {reason} (stored answers are kept: fix it and run the same command)"
 
 
 def is_worker(config: pytest.Config) -> bool:
@@ -98,6 +104,9 @@ class RunState:
     record_mode: str | None = None  # cassettes (cassettes.py); None: no cassettes
     cassette_dir: Path | None = None
     shared: dict[str, Any] = field(default_factory=dict)  # from the controller, if a child
+    _stop: RunStop | None = None
+    _journal: JournalReader | None = None
+    _journal_checked: bool = False
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -159,6 +168,41 @@ class RunState:
         """Whether the store holds an answer this run may replay."""
         return self.store.lookup(key, fresh_since=self.fresh_since) is not None
 
+    # ------------------------------------------------------------------ stopping
+    @property
+    def stop(self) -> RunStop:
+        """The run's stop file: tripped by the first fatal refusal in any process."""
+        if self._stop is None:
+            self._stop = RunStop(stop_path(self.llm_config.run_dir, self.run_token))
+        return self._stop
+
+    def stopped(self) -> str | None:
+        """Why the run stops (a fatal refusal somewhere), or None."""
+        return self.stop.reason()
+
+    def call_failed(self, acc: CaseAccumulator, error: LLMCallError) -> None:
+        acc.add_error(error)
+        if error.fatal:
+            self.stop.trip(str(error))
+
+    def await_answer(self, key: str) -> bool:
+        """A test's answer that is not stored yet may be on its way (the prefetch runs
+        beside the tests): wait for it. True when it arrived or failed (look again);
+        False when the prefetch will not send it (send it live)."""
+        if not self._journal_checked:
+            self._journal_checked = True
+            path = journal_path(self.llm_config.run_dir, self.run_token)
+            if path.exists():
+                self._journal = JournalReader(path)
+        if self._journal is None:
+            return False
+        verdict = self._journal.wait(key)
+        if isinstance(verdict, FetchEnd):
+            if verdict.status == "fatal":
+                raise LLMCallError(verdict.reason, attempts=0, fatal=True)
+            raise RunStopped("the run was interrupted while this answer was on its way")
+        return verdict is Verdict.SETTLED
+
     def has_credentials(self) -> bool:
         # a replay from cassettes (record mode none) never sends a request
         return self.llm_config.api_key is not None or self.sim_enabled or self.record_mode == "none"
@@ -195,12 +239,14 @@ class RunState:
             run_started=self.started_at,
             record=record,
             on_response=acc.add,
-            on_error=acc.add_error,
+            on_error=lambda error: self.call_failed(acc, error),
             batch_errors=(
                 self.llm_config.batch.enabled and self.llm_config.batch.fallback != "live"
             ),
             run_token=self.run_token,
             cassette_replay=self.record_mode == "none",
+            await_answer=self.await_answer if self.phase == "run" else None,
+            stopped=self.stopped,
         )
         defaults = {} if temperature is None else {"temperature": temperature}
         return self.client.bind(context=context, **defaults)
@@ -245,4 +291,4 @@ def _env_shared() -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-__all__ = ["MISSING_KEY", "SIM_API_KEY", "CaseAccumulator", "RunState"]
+__all__ = ["MISSING_KEY", "SIM_API_KEY", "CaseAccumulator", "RunState", "stop_message"]

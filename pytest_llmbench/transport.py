@@ -1,5 +1,5 @@
-"""How requests travel: the attempts of one call (budget, SDK, retries, feedback) and the
-concurrent runner behind :meth:`LLMClient.arun`. Internal to the client layer: callers
+"""How one request travels: the attempts of one call (budget, SDK, retries, feedback); the
+concurrent runner is ``runner.py``. Internal to the client layer: callers
 use :class:`~pytest_llmbench.client.LLMClient`.
 
 One call goes: reserve from the shared budget -> send with the SDK (its own retries off)
@@ -10,27 +10,23 @@ repeat the budget and send steps, so every attempt counts against the limit.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterable, Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt
 
 from .budget import Budget, RateLimitSnapshot, open_budget
 from .config import LLMConfig
-from .errors import ConfigError, LLMCallError
+from .errors import ConfigError, LLMCallError, RunStopped
 from .response import Answer, ClientStats, Usage, estimate_tokens
 from .retry import BackoffPolicy, as_mapping, describe, is_retryable
 
 if TYPE_CHECKING:
     import openai
-    from aiolimiter import AsyncLimiter
 
 
 def budget_for(config: LLMConfig, model: str) -> Budget:
@@ -45,102 +41,10 @@ def budget_for(config: LLMConfig, model: str) -> Budget:
     )
 
 
-T = TypeVar("T")
 MISSING_KEY = "no OpenAI API key: set OPENAI_API_KEY, or pass LLMConfig(api_key=...)"
 
 
 OnAnswer = Callable[[Answer], None]
-
-
-_END = object()  # the end of a runner's queue
-SMOOTHING_S = 0.1  # the per-process smoother's window
-
-
-def smoother(rpm: int | None) -> AsyncLimiter | None:
-    """A per-process smoother on top of the shared budget: at most a tenth of a second's
-    worth of requests start together (at least one). The shared budget grants a burst of
-    up to ``burst_seconds`` of refill at once; without smoothing, a process would open
-    all of those connections in the same millisecond, a spike for the server and for
-    this event loop. It never lowers the rate: the window refills at the configured
-    rate, which the shared budget enforces across processes anyway. aiolimiter's leaky
-    bucket is the right tool here: in-process, async, bound to this run's event loop."""
-    from aiolimiter import AsyncLimiter
-
-    if rpm is None:
-        return None
-    per_second = rpm / 60.0
-    size = max(1.0, per_second * SMOOTHING_S)
-    return AsyncLimiter(size, size / per_second)
-
-
-class Runner(Generic[T]):
-    """The state of one :meth:`LLMClient.arun`: queue, workers, slow start."""
-
-    def __init__(
-        self,
-        shared: Shared,
-        stats: ClientStats,
-        body: Callable[[T], dict[str, Any]],
-        on_answer: Callable[[T, Answer], None],
-        on_error: Callable[[T, LLMCallError], None],
-        scope: Callable[[T], AbstractContextManager[None]] | None,
-    ) -> None:
-        self.shared, self.stats = shared, stats
-        config = shared.config
-        self.body, self.on_answer, self.on_error, self.scope = body, on_answer, on_error, scope
-        self.workers = config.max_concurrency
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.learned = asyncio.Event()  # set: the rest may go (limits known or learned)
-        if config.rpm is not None or config.tpm is not None:
-            self.learned.set()
-        self.first_sent = False
-        self.smoother = smoother(config.rpm)
-
-    async def run(self, items: Iterable[T] | AsyncIterable[T]) -> None:
-        import openai
-
-        aclient = openai.AsyncOpenAI(**self.shared.client_kwargs())
-        try:
-            workers = [self.work(aclient) for _ in range(self.workers)]
-            await asyncio.gather(self.feed(items), *workers)
-        finally:
-            await aclient.close()
-
-    async def feed(self, items: Iterable[T] | AsyncIterable[T]) -> None:
-        try:
-            if isinstance(items, AsyncIterable):
-                async for item in items:
-                    self.queue.put_nowait(item)
-            else:
-                for item in items:
-                    self.queue.put_nowait(item)
-        finally:
-            for _ in range(self.workers):
-                self.queue.put_nowait(_END)
-
-    async def work(self, aclient: openai.AsyncOpenAI) -> None:
-        while (item := await self.queue.get()) is not _END:
-            if not self.learned.is_set():
-                if self.first_sent:
-                    await self.learned.wait()
-                self.first_sent = True  # this one goes alone
-            try:
-                await self.send(aclient, item)
-            finally:
-                self.learned.set()
-
-    async def send(self, aclient: openai.AsyncOpenAI, item: T) -> None:
-        shared, stats = self.shared, self.stats
-        scope = self.scope(item) if self.scope is not None else contextlib.nullcontext()
-        try:
-            if self.smoother is not None:
-                await self.smoother.acquire()
-            with scope:
-                await shared.asend(
-                    self.body(item), stats, aclient, lambda a: self.on_answer(item, a)
-                )
-        except LLMCallError as exc:
-            self.on_error(item, exc)
 
 
 class Shared:
@@ -244,8 +148,11 @@ class Shared:
         stats: ClientStats,
         client: openai.AsyncOpenAI | None = None,
         on_answer: OnAnswer | None = None,
+        ready: Callable[[], None] | None = None,
     ) -> Answer:
-        """The async twin of :meth:`send`; the attempt logic lives in :class:`Call`."""
+        """The async twin of :meth:`send`; the attempt logic lives in :class:`Call`.
+        ``ready()`` runs each time the budget lets an attempt go, just before it is sent;
+        it may raise :class:`RunStopped` to keep the request unsent (the run stops)."""
         import openai
 
         call = self._call(body, stats, on_answer)
@@ -255,6 +162,8 @@ class Shared:
             async for attempt in AsyncRetrying(**self._retrying_kwargs(call.est)):
                 with attempt:
                     await call.budget.aacquire(call.begin())
+                    if ready is not None:
+                        ready()
                     call.sending()
                     try:
                         raw = await aclient.chat.completions.with_raw_response.create(**body)
@@ -262,6 +171,8 @@ class Shared:
                         call.failed(exc)
                         raise
                     return call.succeeded(raw.http_response)
+        except RunStopped:
+            raise
         except Exception as exc:
             raise call.give_up(exc) from None
         finally:

@@ -112,6 +112,10 @@ def validate_chat(body: Any, config: SimConfig) -> ChatRequest:
         raise errors.invalid_type("seed", "an integer", seed)
     if not config.accept_any_model and model not in config.models:
         raise errors.model_not_found(model)
+    if model in config.forbidden_models:
+        raise errors.no_access(model)
+    if model in config.reasoning_models:
+        _reasoning_rules(body)
     prompt = count_prompt_tokens(messages)
     reserved = (max_tokens if max_tokens is not None else config.default_max_tokens) * n
     return ChatRequest(
@@ -127,6 +131,27 @@ def validate_chat(body: Any, config: SimConfig) -> ChatRequest:
         prompt_tokens=prompt,
         rate_tokens=prompt + reserved,
     )
+
+
+def _reasoning_rules(body: Mapping[str, Any]) -> None:
+    """What the API's reasoning models refuse (bodies as the API words them)."""
+    if body.get("max_tokens") is not None:
+        raise errors.SimAPIError(
+            400,
+            "Unsupported parameter: 'max_tokens' is not supported with this model. "
+            "Use 'max_completion_tokens' instead.",
+            param="max_tokens",
+            code="unsupported_parameter",
+        )
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        raise errors.SimAPIError(
+            400,
+            f"Unsupported value: 'temperature' does not support {temperature} with this "
+            "model. Only the default (1) value is supported.",
+            param="temperature",
+            code="unsupported_value",
+        )
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -10,7 +10,10 @@ Fields
 Access
     ``models`` (gpt-4o-mini, gpt-4o, gpt-4.1-mini, gpt-4.1, gpt-5-mini, gpt-5),
     ``accept_any_model`` (False), ``require_api_key`` (True), ``api_keys`` ([] = any key that
-    starts with ``sk-``), ``organization`` ("org-sim", named in 429 messages).
+    starts with ``sk-``), ``organization`` ("org-sim", named in 429 messages),
+    ``forbidden_models`` ([]: 403, the project has no access), ``reasoning_models``
+    (gpt-5-mini, gpt-5: like the API's reasoning models they refuse ``max_tokens`` and any
+    ``temperature`` but 1 with 400 ``unsupported_parameter`` / ``unsupported_value``).
 Real-time limits (per model, like the API)
     ``rpm`` / ``tpm`` (None = unlimited), ``burst_seconds`` (1.0: bucket capacity in seconds
     of refill), ``rate_limit_tolerance`` (0.05 s: a request that would fit this much later is
@@ -140,6 +143,8 @@ class SimConfig(BaseModel):
     require_api_key: bool = True
     api_keys: list[str] = Field(default_factory=list)
     organization: str = "org-sim"
+    forbidden_models: list[str] = Field(default_factory=list)
+    reasoning_models: list[str] = Field(default_factory=lambda: ["gpt-5-mini", "gpt-5"])
 
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)

@@ -88,6 +88,14 @@ def model_not_found(model: str) -> SimAPIError:
     )
 
 
+def no_access(model: str) -> SimAPIError:
+    return SimAPIError(
+        403,
+        f"Project `proj_sim` does not have access to model `{model}`",
+        code="model_not_found",
+    )
+
+
 def missing_param(param: str) -> SimAPIError:
     return SimAPIError(
         400,

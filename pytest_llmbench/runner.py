@@ -1,0 +1,133 @@
+"""The concurrent runner behind :meth:`LLMClient.arun`: a queue of items, at most
+``max_concurrency`` in flight, slow start while the limits are unknown, a per-process
+smoother, and a stop that lets what is in flight finish (a fatal error, an interrupt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterable, Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .errors import LLMCallError, RunStopped
+from .response import Answer, ClientStats
+from .transport import Shared
+
+if TYPE_CHECKING:
+    import openai
+    from aiolimiter import AsyncLimiter
+
+T = TypeVar("T")
+
+_END = object()  # the end of a runner's queue
+SMOOTHING_S = 0.1  # the per-process smoother's window
+
+
+def smoother(rpm: int | None) -> AsyncLimiter | None:
+    """A per-process smoother on top of the shared budget: at most a tenth of a second's
+    worth of requests start together (at least one). The shared budget grants a burst of
+    up to ``burst_seconds`` of refill at once; without smoothing, a process would open
+    all of those connections in the same millisecond, a spike for the server and for
+    this event loop. It never lowers the rate: the window refills at the configured
+    rate, which the shared budget enforces across processes anyway. aiolimiter's leaky
+    bucket is the right tool here: in-process, async, bound to this run's event loop."""
+    from aiolimiter import AsyncLimiter
+
+    if rpm is None:
+        return None
+    per_second = rpm / 60.0
+    size = max(1.0, per_second * SMOOTHING_S)
+    return AsyncLimiter(size, size / per_second)
+
+
+class Runner(Generic[T]):
+    """The state of one :meth:`LLMClient.arun`: queue, workers, slow start, and the stop:
+    once ``stop`` is set no new request starts, and those in flight finish."""
+
+    def __init__(
+        self,
+        shared: Shared,
+        stats: ClientStats,
+        body: Callable[[T], dict[str, Any]],
+        on_answer: Callable[[T, Answer], None],
+        on_error: Callable[[T, LLMCallError], None],
+        scope: Callable[[T], AbstractContextManager[None]] | None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.shared, self.stats = shared, stats
+        self.stop = stop or threading.Event()
+        config = shared.config
+        self.body, self.on_answer, self.on_error, self.scope = body, on_answer, on_error, scope
+        self.workers = config.max_concurrency
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.learned = asyncio.Event()  # set: the rest may go (limits known or learned)
+        if config.rpm is not None or config.tpm is not None:
+            self.learned.set()
+        self.first_sent = False
+        self.smoother = smoother(config.rpm)
+
+    async def run(self, items: Iterable[T] | AsyncIterable[T]) -> None:
+        import openai
+
+        aclient = openai.AsyncOpenAI(**self.shared.client_kwargs())
+        try:
+            workers = [self.work(aclient) for _ in range(self.workers)]
+            await asyncio.gather(self.feed(items), *workers)
+        finally:
+            await aclient.close()
+
+    async def feed(self, items: Iterable[T] | AsyncIterable[T]) -> None:
+        try:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    if self.stop.is_set():
+                        break
+                    self.queue.put_nowait(item)
+            else:
+                for item in items:
+                    self.queue.put_nowait(item)
+        finally:
+            for _ in range(self.workers):
+                self.queue.put_nowait(_END)
+
+    async def work(self, aclient: openai.AsyncOpenAI) -> None:
+        while (item := await self.queue.get()) is not _END:
+            if self.stop.is_set():
+                continue  # stopping: what is queued is not sent
+            if not self.learned.is_set():
+                if self.first_sent:
+                    await self.learned.wait()
+                self.first_sent = True  # this one goes alone
+            try:
+                await self.send(aclient, item)
+            finally:
+                self.learned.set()
+
+    async def send(self, aclient: openai.AsyncOpenAI, item: T) -> None:
+        shared, stats = self.shared, self.stats
+        scope = self.scope(item) if self.scope is not None else contextlib.nullcontext()
+        try:
+            if self.smoother is not None:
+                await self.smoother.acquire()
+            if self.stop.is_set():
+                return
+            with scope:
+                await shared.asend(
+                    self.body(item),
+                    stats,
+                    aclient,
+                    lambda a: self.on_answer(item, a),
+                    ready=self._ready,
+                )
+        except RunStopped:
+            return  # not sent: the run stops
+        except LLMCallError as exc:
+            self.on_error(item, exc)
+
+    def _ready(self) -> None:
+        """Called once the budget lets a request go: a stop meanwhile keeps it unsent."""
+        if self.stop.is_set():
+            raise RunStopped("the run is stopping")
