@@ -55,10 +55,11 @@ from .batch_ledger import (
 )
 from .batch_rounds import BatchCost, BatchStats, FetchLog, Rounds
 from .batch_wait import TERMINAL, BatchProgress, JobWaiter
-from .errors import LLMCallError
+from .errors import FATAL_EXIT_STATUS, LLMCallError
 from .plan import run_plan
 from .progress import note
 from .response import Answer
+from .runtime import stop_message
 from .store import PlannedRequest
 
 if TYPE_CHECKING:
@@ -346,6 +347,8 @@ def run_rounds(
         stage.run()
         stats = stage.settle()
     except LLMCallError as exc:
+        if exc.fatal:  # a wrong key, no quota...: every other call would fail the same way
+            pytest.exit(stop_message(f"a Batch API call failed: {exc}"), FATAL_EXIT_STATUS)
         pytest.exit(f"llmbench: a Batch API call failed: {exc}", returncode=1)
     finally:
         if stats is None:  # stopped early: what is known so far

@@ -76,6 +76,15 @@ class RunStopped(LLMBenchError):
     sent, and is not a failure of its own."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ends a session on Ctrl-C or SIGTERM once the requests in flight are stored; pytest
+    shows it as ``llmbench: <message>`` with its interrupted status, and no traceback."""
+
+
+RunInterrupted.__module__ = "builtins"  # pytest's banner: "llmbench: interrupted: ..."
+RunInterrupted.__qualname__ = "llmbench"
+
+
 class StoreError(LLMBenchError):
     """The response store cannot be opened or written."""
 

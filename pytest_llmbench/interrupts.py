@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .errors import RunInterrupted
+
 if TYPE_CHECKING:
     from .engine import Fetch
 
@@ -64,7 +66,7 @@ class Interrupts:
             fetch.abort()
             fetch.join(ABORT_JOIN_S)
             self.message = self.line(aborted=True)
-            raise self.session.Interrupted(self.message)
+            raise RunInterrupted(self.message)
         if not fetch.running:
             self._default(signum, frame)
             return
@@ -75,7 +77,7 @@ class Interrupts:
             fetch.join(ABORT_JOIN_S)
         self.message = self.line()
         self.session.shouldstop = self.message  # also if a test swallows the exception
-        raise self.session.Interrupted(self.message)
+        raise RunInterrupted(self.message)
 
     def _default(self, signum: int, frame: FrameType | None) -> None:
         previous = self._previous.get(signum, signal.SIG_DFL)

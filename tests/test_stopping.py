@@ -1,0 +1,223 @@
+"""How a run stops: a fatal refusal ends it at once, Ctrl-C and SIGTERM keep what is in
+flight, and the tests that run while the prefetch fetches wait for their own answers.
+
+Every run here is a real pytest process (``runpytest_subprocess``, ``-n 2`` where it
+matters) against a simulator over HTTP that counts what it was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_llmbench.errors import FATAL_EXIT_STATUS
+from pytest_llmbench.sim import SimConfig, Simulator
+
+from .helpers import FAKE_KEY, wait_for
+from .test_plugin import read_report, write_dataset
+
+SUITE = """
+import pytest
+
+@pytest.mark.llmbench(dataset="data.jsonl", temperatures=[0.0], id="qid")
+def test_qa(case, llm):
+    r = llm.generate_response(case["question"])
+    assert r.text
+"""
+
+#: each kind of refusal that every other request would get too, and a phrase of its line
+FATAL: dict[str, tuple[dict[str, Any], list[str], str]] = {
+    "401 wrong key": ({"api_keys": ["sk-test-fake-other-key-0009"]}, [], "(401)"),
+    "403 no access": ({"forbidden_models": ["gpt-4o-mini"]}, [], "(403)"),
+    "429 quota": ({"quota_exceeded": True}, [], "insufficient_quota"),
+    "404 model": ({}, ["--llm-model", "gpt-9-nonexistent"], "(404)"),
+    "400 parameter": ({}, ["--llm-model", "gpt-5-mini"], "does not accept parameter"),
+}
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
+    with Simulator(SimConfig(seed=3), port=0) as sim:
+        monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+        yield sim
+
+
+def suite(pytester: pytest.Pytester, n: int) -> None:
+    write_dataset(pytester.path / "data.jsonl", n)
+    pytester.makepyfile(test_suite=SUITE)
+    pytester.makeini("[pytest]\n")
+
+
+def text_of(result: pytest.RunResult) -> str:
+    return result.stdout.str() + "\n" + result.stderr.str()
+
+
+# ---------------------------------------------------------------------- fatal refusals
+@pytest.mark.parametrize("mode", ["prefetch", "live"])
+@pytest.mark.parametrize("kind", list(FATAL))
+def test_a_fatal_refusal_stops_the_run_at_once(
+    pytester: pytest.Pytester, api: Simulator, kind: str, mode: str
+) -> None:
+    sim_config, args, phrase = FATAL[kind]
+    api.configure(**sim_config)
+    suite(pytester, 60)
+    extra = ["--llm-no-prefetch"] if mode == "live" else []
+    started = time.monotonic()
+    result = pytester.runpytest_subprocess("-n", "2", "-rN", *args, *extra)
+    wall = time.monotonic() - started
+    assert result.ret == FATAL_EXIT_STATUS, text_of(result)
+    sent = api.stats()["chat_requests"]
+    # limits unknown: the prefetch sends its first request alone; live, each worker one
+    assert 1 <= sent <= (1 if mode == "prefetch" else 2)
+    text = text_of(result)
+    stop_lines = [line for line in text.splitlines() if "stored answers are kept" in line]
+    assert stop_lines and all(phrase in line for line in stop_lines), text
+    assert "Traceback" not in text and "INTERNALERROR" not in text
+    assert wall < 30  # not 60 cases' worth of refusals (a generous bound on a busy CI)
+
+
+def test_a_fatal_refusal_at_batch_upload_stops_the_run(
+    pytester: pytest.Pytester, api: Simulator
+) -> None:
+    api.configure(api_keys=["sk-test-fake-other-key-0009"])
+    suite(pytester, 20)
+    result = pytester.runpytest_subprocess("-n", "2", "-rN", "--batch-api")
+    assert result.ret == FATAL_EXIT_STATUS, text_of(result)
+    stats = api.stats()
+    assert stats["files_uploaded"] == 0 and stats["batches_created"] == 0
+    assert stats["chat_requests"] == 0
+    assert "(401)" in text_of(result) and "Traceback" not in text_of(result)
+
+
+def test_after_the_fix_the_same_command_resumes(pytester: pytest.Pytester, api: Simulator) -> None:
+    suite(pytester, 30)
+    first = pytester.runpytest_subprocess("-n", "2", "-rN", "--llm-limit", "10")
+    first.assert_outcomes(passed=10)
+    api.configure(quota_exceeded=True)  # the account runs dry
+    second = pytester.runpytest_subprocess("-n", "2", "-rN")
+    assert second.ret == FATAL_EXIT_STATUS
+    assert api.stats()["chat_requests"] == 11  # one refusal; nothing stored was asked again
+    api.configure(quota_exceeded=False)  # credit bought: the same command resumes
+    third = pytester.runpytest_subprocess("-n", "2", "-rN")
+    third.assert_outcomes(passed=30)
+    stats = api.stats()
+    assert stats["duplicate_bodies"] == 0 and stats["chat_answered"] == 30
+
+
+# ---------------------------------------------------------------------- interrupts
+def start_run(root: Path, *args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-rN", *args]
+    return subprocess.Popen(
+        cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.parametrize(("signame", "workers"), [("SIGINT", "0"), ("SIGTERM", "2")])
+def test_an_interrupt_keeps_what_is_in_flight(
+    pytester: pytest.Pytester, api: Simulator, signame: str, workers: str
+) -> None:
+    api.configure(latency={"kind": "fixed", "mean": 1.0})
+    suite(pytester, 200)
+    proc = start_run(pytester.path, "-n", workers, "--llm-rpm", "6000")
+    # the first answers have arrived, more are in flight
+    wait_for(lambda: api.stats()["chat_answered"] >= 1, "the first answers", timeout=60)
+    proc.send_signal(getattr(signal, signame))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    first = api.stats()
+    assert first["chat_answered"] < 200  # it really stopped sending
+    assert first["undelivered"] == 0  # nothing answered was dropped on the floor
+    lines = [line for line in out.splitlines() if "interrupted:" in line]
+    assert lines and "answers stored; run the same command to resume" in lines[0], out
+    assert "Traceback" not in out and "asyncio" not in out
+    # the rerun pays for nothing twice
+    rerun = start_run(pytester.path, "-n", workers, "--llm-rpm", "6000")
+    rerun.communicate(timeout=120)
+    assert rerun.returncode == 0
+    stats = api.stats()
+    assert stats["duplicate_bodies"] == 0 and stats["chat_answered"] == 200
+
+
+def test_a_second_interrupt_exits_at_once(pytester: pytest.Pytester, api: Simulator) -> None:
+    api.configure(latency={"kind": "fixed", "mean": 30.0})  # longer than the test's bound
+    suite(pytester, 20)
+    proc = start_run(pytester.path, "-n", "0", "--llm-rpm", "6000", "--llm-drain-timeout", "60")
+    wait_for(lambda: api.stats()["chat_requests"] >= 20, "the requests in flight", timeout=60)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # paces the two signals (one press, then another), waits for nothing
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 20  # neither the drain (60 s) nor the latency (30 s)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "interrupted twice" in out and "Traceback" not in out
+
+
+# ---------------------------------------------------------------------- overlap
+TIMED_SUITE = """
+import json, time
+import pytest
+
+@pytest.mark.llmbench(dataset="data.jsonl", temperatures=[0.0, 1.0], id="qid")
+def test_qa(case, llm, request):
+    r = llm.generate_response(case["question"])
+    with open("ran.jsonl", "a") as fh:
+        fh.write(json.dumps({"id": request.node.nodeid, "at": time.time()}) + "\\n")
+    assert r.text.endswith("0")
+"""
+
+
+def overlap_run(pytester: pytest.Pytester, sim: Simulator, *args: str) -> dict[str, Any]:
+    (pytester.path / "ran.jsonl").unlink(missing_ok=True)
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "-rN", "--llm-rpm", "600", "--llm-report", "r.json", *args
+    )
+    assert result.ret in (0, 1), text_of(result)
+    ran = [json.loads(line) for line in (pytester.path / "ran.jsonl").read_text().splitlines()]
+    report = read_report(pytester.path / "r.json")
+    stats = sim.stats()
+    return {"ran": ran, "report": report, "stats": stats}
+
+
+def test_tests_run_while_the_prefetch_fetches_and_results_match(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_dataset(pytester.path / "data.jsonl", 40)
+    pytester.makepyfile(test_suite=TIMED_SUITE)
+    pytester.makeini("[pytest]\n")
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    runs = {}
+    for name, extra in (("overlap", []), ("no-overlap", ["--llm-no-overlap"])):
+        config = SimConfig(seed=5, latency={"kind": "fixed", "mean": 0.2})
+        with Simulator(config, port=0) as sim:
+            monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+            run_dir = pytester.path / f"run-{name}"
+            runs[name] = overlap_run(pytester, sim, f"--llm-run-dir={run_dir}", *extra)
+    for run in runs.values():
+        # each planned request sent exactly once, and no case ran twice or live
+        assert run["stats"]["chat_requests"] == 80 and run["stats"]["duplicate_bodies"] == 0
+        assert len(run["ran"]) == 80 == len({r["id"] for r in run["ran"]})
+        assert all(c["requests"] == 1 and c["cached"] == 0 for c in run["report"]["cases"])
+
+    def outcomes(run: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        return {c["nodeid"]: (c["outcome"], c["response"]) for c in run["report"]["cases"]}
+
+    assert outcomes(runs["overlap"]) == outcomes(runs["no-overlap"])
+    # 80 requests at 10/s take ~8 s: with the overlap, tests ran long before the fetch
+    # ended; without it, every test ran after the last answer
+    for name, run in runs.items():
+        last_answer = max(float(s) for s in run["stats"]["answered_per_second"])
+        first_test = min(r["at"] for r in run["ran"])
+        if name == "overlap":
+            assert first_test < last_answer - 3
+        else:
+            assert first_test >= last_answer
