@@ -38,6 +38,10 @@ if TYPE_CHECKING:
     from .sim import Simulator
 
 
+#: at most this long the xdist workers wait for the first planned request to go out
+WORKERS_WAIT_S = 10.0
+
+
 @dataclass
 class RunSummary:
     summaries: list[SuiteSummary]
@@ -82,6 +86,13 @@ class Controller:
             self.sim = start_simulator(self.config, state)
         elif not _asks_help(self.config):
             check_budget(state)
+        from .engine import streams
+
+        first = state.fresh_since is not None or len(state.store) == 0
+        if first and streams(self.config, state) and state.has_credentials():
+            # a first run (nothing stored, or --llm-fresh) starts planning and fetching
+            # now, before xdist starts its workers: they collect while it fetches
+            self.begin_stream(None)
 
     def close(self) -> None:
         from .plan import remove_collection_flags
@@ -89,8 +100,13 @@ class Controller:
         remove_collection_flags(self.state)
         if self.interrupts is not None:
             self.interrupts.restore()
-        if self.fetch is not None and self.fetch.journal is not None:
-            self.fetch.journal.close()
+        fetch = self.fetch
+        if fetch is not None:
+            if fetch.running:  # the session never ran (a usage error): no orphans
+                fetch.abort()
+                fetch.join(5.0)
+            if fetch.journal is not None:
+                fetch.journal.close()
         self.state.stop.remove()
         if self.sim is not None:
             self.sim.stop()
@@ -105,17 +121,19 @@ class Controller:
             data = {str(k)[4:]: v for k, v in props}
             self.cases[str(data["nodeid"])] = CaseResult.from_dict(data)
 
-    @pytest.hookimpl(trylast=True)
+    @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        """A first run (nothing stored, or --llm-fresh) starts planning and fetching now,
-        while this process or the xdist workers still collect."""
-        from .engine import streams
-
+        """The session exists: catch Ctrl-C and SIGTERM for a fetch already running.
+        With xdist, the workers start once the first request is on its way: they have
+        nothing to do before its answer, and on a small machine their collection would
+        otherwise slow the planning down (their start is this hook's next
+        implementation, xdist's own)."""
         self.session = session
-        state = self.state
-        first = state.fresh_since is not None or len(state.store) == 0
-        if first and streams(self.config, state) and state.has_credentials():
-            self.begin_stream(None)
+        if self.fetch is None:
+            return
+        self.watch(self.fetch)
+        if _workers(self.config):
+            self.fetch.under_way.wait(WORKERS_WAIT_S)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -226,6 +244,13 @@ class Controller:
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.summary is not None:
             self.print_summary(terminalreporter)
+        reason = self.state.stopped()
+        if reason is not None:
+            terminalreporter.write_line(
+                f"llmbench stopped the run (exit status {FATAL_EXIT_STATUS}): {reason}",
+                red=True,
+                bold=True,
+            )
 
     # ------------------------------------------------------------------ the end
     def run_mode(self, requests: int | None = None) -> str:

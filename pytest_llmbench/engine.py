@@ -148,6 +148,7 @@ class Fetch:
         self.progress = Progress(config, "llmbench prefetch", total=0, rpm=rpm, live=live_line)
         self.client: LLMClient = LLMClient(state.llm_config)
         self.stopping = threading.Event()  # no new request starts
+        self.under_way = threading.Event()  # the first request is planned, or none will be
         self.journal: JournalWriter | None = None
         self.fatal: LLMCallError | None = None
         self.interrupted = False
@@ -169,6 +170,7 @@ class Fetch:
                 if not self.interrupted:
                     self.notes.append(f"llmbench prefetch stopped: {type(exc).__name__}: {exc}")
             finally:
+                self.under_way.set()
                 self.wall = time.perf_counter() - self.started
                 if self.journal is not None:
                     self.journal.end("interrupted" if self.interrupted else "done")
@@ -321,12 +323,14 @@ class _PlanStream:
             new = [r for r in self.reader.read_new() if not self.state.is_answered(r.key)]
             if new and not progress.total:
                 fetch.plan_lead_s = round(time.perf_counter() - self.started, 3)
+                fetch.under_way.set()
             if fetch.journal is not None:
                 fetch.journal.planned(r.key for r in new)
             progress.total += len(new)
             for req in new:
                 yield req
         fetch.plan_s = time.perf_counter() - self.started
+        fetch.under_way.set()
         progress.open_ended = False
         if fetch.journal is not None:
             fetch.journal.planning_done()

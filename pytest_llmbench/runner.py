@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 _END = object()  # the end of a runner's queue
 SMOOTHING_S = 0.1  # the per-process smoother's window
+SMOOTHER_PACE = 2.0  # the smoother's rate, in multiples of the configured rate
 
 
 def smoother(rpm: int | None) -> AsyncLimiter | None:
@@ -31,15 +32,17 @@ def smoother(rpm: int | None) -> AsyncLimiter | None:
     worth of requests start together (at least one). The shared budget grants a burst of
     up to ``burst_seconds`` of refill at once; without smoothing, a process would open
     all of those connections in the same millisecond, a spike for the server and for
-    this event loop. It never lowers the rate: the window refills at the configured
-    rate, which the shared budget enforces across processes anyway. aiolimiter's leaky
-    bucket is the right tool here: in-process, async, bound to this run's event loop."""
+    this event loop. It never lowers the rate: the window refills at twice the configured
+    rate, so a burst the budget grants (a full bucket at the start, what a pause saved)
+    is spent within about a second instead of never; the shared budget enforces the rate
+    itself, across processes. aiolimiter's leaky bucket is the right tool here:
+    in-process, async, bound to this run's event loop."""
     from aiolimiter import AsyncLimiter
 
     if rpm is None:
         return None
-    per_second = rpm / 60.0
-    size = max(1.0, per_second * SMOOTHING_S)
+    per_second = rpm / 60.0 * SMOOTHER_PACE
+    size = max(1.0, rpm / 60.0 * SMOOTHING_S)
     return AsyncLimiter(size, size / per_second)
 
 
