@@ -376,8 +376,8 @@ class XdistController:
         node.workerinput["llmbench"] = self.controller.state.shared_for_children()
 
     def pytest_xdist_node_collection_finished(self, node: WorkerController, ids: list[str]) -> None:
-        # The first worker to finish collecting says whether tests use `llm`; scheduling
-        # waits for this hook, so planning and fetching happen before any test runs.
+        # The first worker to finish collecting says whether tests use `llm` (and, when
+        # the fetch has not started yet, what to plan); scheduling waits for this hook.
         if self.planned:
             return
         self.planned = True
