@@ -179,12 +179,18 @@ class BackoffPolicy:
             return min(hinted, self.max_retry_after) * (1.0 + 0.1 * self.rng())
         return self.backoff(attempt)
 
-    def tenacity_wait(self, tokens_needed: int = 1) -> Callable[[RetryCallState], float]:
+    def tenacity_wait(
+        self, tokens_needed: int = 1, first_attempt: int = 1
+    ) -> Callable[[RetryCallState], float]:
+        """tenacity's ``wait``; ``first_attempt`` is the call's number of tenacity's first
+        attempt (2 when the first attempt ran before tenacity was built)."""
+
         def _wait(state: RetryCallState) -> float:
+            attempt = state.attempt_number + first_attempt - 1
             exc = state.outcome.exception() if state.outcome else None
             if exc is None:
-                return self.backoff(state.attempt_number)
-            return self.wait(exc, state.attempt_number, tokens_needed)
+                return self.backoff(attempt)
+            return self.wait(exc, attempt, tokens_needed)
 
         return _wait
 

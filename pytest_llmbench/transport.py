@@ -3,29 +3,47 @@ concurrent runner is ``runner.py``. Internal to the client layer: callers
 use :class:`~pytest_llmbench.client.LLMClient`.
 
 One call goes: reserve from the shared budget -> send with the SDK (its own retries off)
--> feed headers back to the budget -> hand the answer over (it is saved before any other
-bookkeeping) -> correct the token estimate. Retries (tenacity, policy in ``retry.py``)
+-> hand the answer over (it is saved before any other bookkeeping) -> feed the headers and
+the real token count back to the budget. Retries (tenacity, policy in ``retry.py``)
 repeat the budget and send steps, so every attempt counts against the limit.
+
+The per-request CPU is kept down (``benchmarks/cpu_ceiling.py``), with the SDK as the
+client throughout:
+
+* a body that ``chat.completions.create()`` would send unchanged (JSON parameters it
+  knows, no SDK options such as ``extra_body``, not streamed) goes through the SDK's
+  public lower-level ``post("/chat/completions", cast_to=httpx2.Response)``: the same
+  JSON (keys in the caller's order), headers, auth and error classes, without walking
+  the parameters through their TypedDicts and without the raw-response wrapper (together
+  a quarter of the SDK's CPU per request). Any other body takes
+  ``with_raw_response.create()`` as before, so what create() rejects is still rejected
+  the same way, unsent;
+* the first attempt runs without tenacity; only a failure that is retried builds the
+  retry loop, which continues the attempt count (waits, stop) exactly where it left off;
+* the budget's feedback after an answer is one operation (``settle``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt
 
-from .budget import Budget, RateLimitSnapshot, open_budget
+from .budget import BaseBudget, Budget, RateLimitSnapshot, open_budget
 from .config import LLMConfig
 from .errors import ConfigError, LLMCallError, RunStopped
 from .response import Answer, ClientStats, Usage, estimate_tokens
 from .retry import BackoffPolicy, as_mapping, describe, is_retryable
 
 if TYPE_CHECKING:
+    import httpx2
     import openai
 
 
@@ -102,14 +120,26 @@ class Shared:
                     b.close()
                 self._budgets.clear()
 
-    # -- the attempt, shared by sync and async paths
+    # -- the attempts, shared by sync and async paths
     def _retrying_kwargs(self, est: int) -> dict[str, Any]:
+        """tenacity's settings for the attempts after the first (tenacity's attempt 1 is
+        the call's attempt 2): the stop, the retry test and the waits of one call."""
         return {
-            "stop": stop_after_attempt(self.config.max_retries + 1),
+            "stop": stop_after_attempt(self.config.max_retries),
             "retry": retry_if_exception(is_retryable),
-            "wait": self.policy.tenacity_wait(est),
+            "wait": self.policy.tenacity_wait(est, first_attempt=2),
             "reraise": True,
         }
+
+    def _first_retry(self, call: Call, exc: Exception) -> float:
+        """What tenacity decides after a failed first attempt, without building it: raise
+        ``exc`` again unless it is retried, else the wait before the second attempt."""
+        if not is_retryable(exc):
+            raise exc
+        wait = self.policy.wait(exc, 1, call.est)  # tenacity computes it before stopping
+        if self.config.max_retries < 1:
+            raise exc
+        return wait
 
     def _call(self, body: dict[str, Any], stats: ClientStats, on_answer: OnAnswer | None) -> Call:
         model = str(body["model"])
@@ -128,19 +158,32 @@ class Shared:
         call = self._call(body, stats, on_answer)
         client = self.sync_client()
         try:
+            try:
+                return self._attempt(call, body, client)
+            except Exception as exc:
+                wait = self._first_retry(call, exc)
+            time.sleep(wait)
             for attempt in Retrying(**self._retrying_kwargs(call.est)):
                 with attempt:
-                    call.budget.acquire(call.begin())
-                    call.sending()
-                    try:
-                        raw = client.chat.completions.with_raw_response.create(**body)
-                    except Exception as exc:
-                        call.failed(exc)
-                        raise
-                    return call.succeeded(raw.http_response)
+                    return self._attempt(call, body, client)
         except Exception as exc:
             raise call.give_up(exc) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(self, call: Call, body: dict[str, Any], client: openai.OpenAI) -> Answer:
+        call.budget.acquire(call.begin())
+        call.sending()
+        try:
+            if plain_body(body):
+                raw = client.post(
+                    "/chat/completions", body=body, cast_to=_http_response(), options=_OPTIONS
+                )
+            else:
+                raw = client.chat.completions.with_raw_response.create(**body).http_response
+        except Exception as exc:
+            call.failed(exc)
+            raise
+        return call.succeeded(raw)
 
     async def asend(
         self,
@@ -159,18 +202,14 @@ class Shared:
         own = client is None
         aclient = client or openai.AsyncOpenAI(**self.client_kwargs())
         try:
+            try:
+                return await self._aattempt(call, body, aclient, ready)
+            except Exception as exc:
+                wait = self._first_retry(call, exc)
+            await asyncio.sleep(wait)
             async for attempt in AsyncRetrying(**self._retrying_kwargs(call.est)):
                 with attempt:
-                    await call.budget.aacquire(call.begin())
-                    if ready is not None:
-                        ready()
-                    call.sending()
-                    try:
-                        raw = await aclient.chat.completions.with_raw_response.create(**body)
-                    except Exception as exc:
-                        call.failed(exc)
-                        raise
-                    return call.succeeded(raw.http_response)
+                    return await self._aattempt(call, body, aclient, ready)
         except RunStopped:
             raise
         except Exception as exc:
@@ -179,6 +218,79 @@ class Shared:
             if own:
                 await aclient.close()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _aattempt(
+        self,
+        call: Call,
+        body: dict[str, Any],
+        aclient: openai.AsyncOpenAI,
+        ready: Callable[[], None] | None,
+    ) -> Answer:
+        await call.budget.aacquire(call.begin())
+        if ready is not None:
+            ready()
+        call.sending()
+        try:
+            if plain_body(body):
+                raw = await aclient.post(
+                    "/chat/completions", body=body, cast_to=_http_response(), options=_OPTIONS
+                )
+            else:
+                created = await aclient.chat.completions.with_raw_response.create(**body)
+                raw = created.http_response
+        except Exception as exc:
+            call.failed(exc)
+            raise
+        return call.succeeded(raw)
+
+
+#: what ``chat.completions.create()`` sends for the body: bearer auth only
+_OPTIONS: openai.RequestOptions = {"security": {"bearer_auth": True}}
+#: create()'s arguments that are SDK options, not JSON parameters of the request
+_SDK_OPTIONS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
+
+
+@functools.cache
+def _create_parameters() -> frozenset[str]:
+    """The JSON parameters ``chat.completions.create()`` takes (this SDK version's)."""
+    import inspect
+
+    from openai.resources.chat import AsyncCompletions
+
+    return frozenset(inspect.signature(AsyncCompletions.create).parameters) - _SDK_OPTIONS
+
+
+def _http_response() -> type[httpx2.Response]:
+    # looked up each time (a dict lookup): the SDK checks the class it imported itself,
+    # and a re-import of httpx2 (pytester's in-process runs restore sys.modules) makes a
+    # new one
+    import httpx2
+
+    return httpx2.Response
+
+
+def plain_body(body: Mapping[str, Any]) -> bool:
+    """Whether ``create(**body)`` would send ``body`` as it is: only parameters it knows,
+    the two it requires, no stream, no pydantic class as ``response_format`` (create()
+    refuses one). Its transform changes nothing in such a body: no chat parameter has an
+    alias or a format, and JSON values pass through."""
+    return (
+        "model" in body
+        and "messages" in body
+        and body.keys() <= _create_parameters()
+        and not body.get("stream")
+        and not isinstance(body.get("response_format"), type)
+    )
+
+
+def settle(budget: Budget, snapshot: RateLimitSnapshot, reserved: int, actual: int) -> None:
+    """An answer's feedback to the budget: its headers, then the real token count (one
+    operation where the budget offers it)."""
+    if isinstance(budget, BaseBudget):
+        budget.settle(snapshot, reserved, actual)
+    else:  # a budget of the caller's own making: the protocol's two calls
+        budget.observe(snapshot)
+        budget.correct(reserved, actual)
 
 
 @dataclass
@@ -237,9 +349,8 @@ class Call:
             # saved before any bookkeeping: the window in which a crash loses a paid-for
             # answer is only the store's own fsync
             self.on_answer(answer)
-        self.budget.observe(RateLimitSnapshot.from_headers(headers))
         usage = Usage.from_body(body)
-        self.budget.correct(self.est, usage.total_tokens)
+        settle(self.budget, RateLimitSnapshot.from_headers(headers), self.est, usage.total_tokens)
         self.stats.add(self.model, requests=1, calls=1, retries=self.attempts - 1, usage=usage)
         return answer
 

@@ -14,6 +14,7 @@ import heapq
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,6 +350,105 @@ def test_a_garbage_state_file_is_fresh_state(tmp_path: Path, content: bytes) -> 
     budget = FileBudget(tmp_path / "b.json", rpm=1200, clock=FakeClock())
     assert drain(budget, 21)[-2:] == pytest.approx([0.0, 0.05])
     assert json.loads((tmp_path / "b.json").read_text())["version"] == 1
+
+
+def test_settle_is_observe_then_correct_in_one_operation(tmp_path: Path) -> None:
+    clock = FakeClock()
+    apart = FileBudget(tmp_path / "a.json", rpm=1200, tpm=60_000, clock=clock)
+    together = FileBudget(tmp_path / "b.json", rpm=1200, tpm=60_000, clock=clock)
+    snapshot = RateLimitSnapshot(limit_tokens=30_000, remaining_tokens=400)
+    for budget in (apart, together):
+        budget.reserve(300)
+    apart.observe(snapshot)
+    apart.correct(300, 120)
+    together.settle(snapshot, 300, 120)
+    assert together.state() == apart.state()
+    memory = MemoryBudget(rpm=1200, tpm=60_000, clock=clock)  # the default: two calls
+    memory.reserve(300)
+    memory.settle(snapshot, 300, 120)
+    assert memory.state == apart.state()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_an_async_reservation_waits_for_a_held_lock_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import threading
+
+    budget = FileBudget(tmp_path / "b.json", rpm=60_000, lock_timeout=10)
+    threads: list[object] = []
+    to_thread = asyncio.to_thread
+
+    async def recording(func: Any, /, *args: Any) -> Any:
+        threads.append(func)
+        return await to_thread(func, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", recording)
+    # a free lock: the reservation runs inline
+    assert asyncio.run(budget.aacquire(0)) == 0.0
+    assert threads == []
+    # held by another holder (its own descriptor, as another process would): the event
+    # loop keeps running while a thread waits for it
+    holder = os.open(budget.lock_path, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    ticks = 0
+
+    async def main() -> float:
+        nonlocal ticks
+        task = asyncio.ensure_future(budget.aacquire(0))
+        while ticks < 5:
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not task.done()
+        threading.Timer(0.05, os.close, (holder,)).start()  # closing drops the lock
+        return await task
+
+    assert asyncio.run(main()) == 0.0
+    assert len(threads) == 1
+    budget.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_lock_file_removed_while_open_is_opened_anew(tmp_path: Path) -> None:
+    import fcntl
+
+    budget = FileBudget(tmp_path / "b.json", rpm=60, lock_timeout=0.2)
+    budget.reserve(0)  # the lock file is open now
+    budget.lock_path.unlink()
+    holder = os.open(budget.lock_path, os.O_RDWR | os.O_CREAT)  # another process's new one
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(BudgetError, match="could not lock the budget"):
+            budget.reserve(0)  # it waits for the lock at the path, not the removed one
+    finally:
+        os.close(holder)
+    assert budget.reserve(0) > 0  # the second request of 60 RPM with a burst of one
+    shutil.rmtree(tmp_path)  # the whole run directory, as --cache-clear might
+    assert budget.reserve(0) == 0.0  # made again, with a fresh state
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_never_shares_its_parents_lock(tmp_path: Path) -> None:
+    budget = FileBudget(tmp_path / "b.json", rpm=60, lock_timeout=0.2)
+    budget.reserve(0)
+    assert budget._flock.acquire(True)  # the parent holds the lock across the fork
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            try:
+                budget.reserve(0)
+                code = 1  # it took the parent's lock
+            except BudgetError:
+                code = 0  # it waited for its own, in vain
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        budget._flock.release()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert budget.reserve(0) > 0  # the child's exit did not take the parent's descriptor
 
 
 def test_open_budget_picks_the_backend_and_names_files_safely(tmp_path: Path) -> None:

@@ -317,3 +317,112 @@ def test_latency_excludes_the_wait_for_the_budget(sim: Simulator, tmp_path: Path
     # ...and its latency is the HTTP round trip only: it began after the wait was over
     assert 0 < r.latency <= returned - wait_ended[0]
     assert sim.stats()["chat_answered"] == 2
+
+
+# ---------------------------------------------------------------------------------------
+# The hot path: the SDK's post() for plain bodies, tenacity only once a retry is needed
+
+PLAIN_BODIES: list[dict[str, object]] = [
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+    {
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": [{"type": "text", "text": "x"}]},
+        ],
+        "temperature": 0.7,
+        "n": 2,
+        "stop": ["a", "b"],
+        "seed": 3,
+        "logit_bias": {"1": 5},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "max_completion_tokens": 5,
+        "stream": False,
+    },
+]
+
+
+@pytest.mark.parametrize("body", PLAIN_BODIES)
+def test_a_plain_body_is_sent_exactly_as_create_sends_it(body: dict[str, object]) -> None:
+    import json
+
+    import httpx2
+
+    from pytest_llmbench.transport import _OPTIONS, plain_body
+
+    seen: list[httpx2.Request] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return httpx2.Response(200, json={"choices": []})
+
+    http = httpx2.Client(transport=httpx2.MockTransport(handler))
+    with openai.OpenAI(api_key=FAKE_KEY, base_url="http://x/v1", http_client=http) as c:
+        assert plain_body(body)
+        c.chat.completions.with_raw_response.create(**body)  # type: ignore[call-overload]
+        c.post("/chat/completions", body=body, cast_to=httpx2.Response, options=_OPTIONS)
+    created, posted = seen
+    assert (posted.method, posted.url) == (created.method, created.url)
+    assert json.loads(posted.content) == json.loads(created.content)
+    per_request = {"idempotency-key", "x-stainless-raw-response"}
+    headers = [{k: v for k, v in r.headers.items() if k not in per_request} for r in seen]
+    assert headers[1] == headers[0]
+
+
+def test_other_bodies_still_go_through_create(client: LLMClient, sim: Simulator) -> None:
+    from pytest_llmbench.transport import plain_body
+
+    base = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    for extra in ({"bogus": 1}, {"extra_body": {"seed": 1}}, {"timeout": 5}, {"stream": True}):
+        assert not plain_body({**base, **extra}), extra
+    assert not plain_body({"model": "gpt-4o-mini"})
+    assert not plain_body({**base, "response_format": LLMConfig})  # a class: create refuses
+    # an SDK option still works as one, and what create() refuses is still refused unsent
+    assert client.generate_response("hello", extra_body={"seed": 1}).ok
+    with pytest.raises(LLMCallError, match=r"TypeError.*bogus"):
+        client.generate_response("hello", bogus=1)
+    assert sim.stats()["chat_requests"] == 1
+
+
+class RecordingPolicy(BackoffPolicy):
+    """Records the attempt number of every wait tenacity (or the first retry) asks for."""
+
+    def __init__(self) -> None:
+        super().__init__(base=0.001, cap=0.002, rng=lambda: 0.5)
+        self.attempts: list[int] = []
+
+    def wait(self, exc: BaseException, attempt: int, tokens_needed: int = 1) -> float:
+        self.attempts.append(attempt)
+        return super().wait(exc, attempt, tokens_needed)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_retries_count_their_attempts_as_before(sim: Simulator, tmp_path: Path, mode: str) -> None:
+    # Given a client whose waits are recorded: tenacity asks for a wait after every failed
+    # attempt that is retried, the last one included (it decides to stop after that)
+    def ask(c: LLMClient) -> object:
+        if mode == "sync":
+            return c.generate_response("hello")
+        return asyncio.run(c.agenerate_response("hello"))
+
+    with make_client(sim, tmp_path, max_retries=2) as c:
+        c.shared.policy = policy = RecordingPolicy()
+        sim.configure(script=["500", "500"])
+        assert ask(c).attempts == 3  # type: ignore[attr-defined]
+        assert policy.attempts == [1, 2]
+        policy.attempts.clear()
+        sim.configure(script=[], faults={"500": 1.0})
+        with pytest.raises(LLMCallError, match="after 3 attempts"):
+            ask(c)
+        assert policy.attempts == [1, 2, 3]
+        policy.attempts.clear()
+        sim.configure(faults=None, script=["ok"])
+        assert ask(c).attempts == 1  # type: ignore[attr-defined]
+        assert policy.attempts == []
+    with make_client(sim, tmp_path, max_retries=0) as c:
+        c.shared.policy = policy = RecordingPolicy()
+        sim.configure(script=["500"])
+        with pytest.raises(LLMCallError, match="after 1 attempt"):
+            ask(c)
+        assert policy.attempts == [1]

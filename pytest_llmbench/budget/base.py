@@ -161,7 +161,8 @@ class BudgetState:
         return state
 
     def to_fields(self) -> dict[str, float | None]:
-        return dataclasses.asdict(self)
+        # not dataclasses.asdict, which deep-copies: every field is a number or None
+        return {name: getattr(self, name) for name in STATE_FIELDS}
 
 
 STATE_FIELDS = tuple(f.name for f in dataclasses.fields(BudgetState))
@@ -332,6 +333,18 @@ class BaseBudget:
         if wait > 0:
             await asyncio.sleep(wait)
         return wait
+
+    def settle(self, snapshot: RateLimitSnapshot, reserved_tokens: int, actual_tokens: int) -> None:
+        """An answer's feedback: ``observe(snapshot)``, then ``correct(reserved, actual)``
+        (a backend may do both in one operation)."""
+        self.observe(snapshot)
+        self.correct(reserved_tokens, actual_tokens)
+
+    def observe(self, snapshot: RateLimitSnapshot) -> None:
+        raise NotImplementedError
+
+    def correct(self, reserved_tokens: int, actual_tokens: int) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         """Release resources; the shared state stays for other processes."""

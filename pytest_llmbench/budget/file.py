@@ -1,11 +1,19 @@
 """The default budget: a JSON state file guarded by a kernel file lock.
 
-Every operation is one locked read-modify-write of ``budget-<model>.json`` (well under a
-millisecond); callers sleep outside the lock. Why it survives crashes:
+Every operation is one locked read-modify-write of ``budget-<model>.json`` (about 30 us,
+most of it JSON: an ``flock`` on a descriptor the process keeps open, one ``pread``, one
+``pwrite``); callers sleep outside the lock. Why it survives crashes:
 
 * the lock is ``flock(2)`` on a separate ``.lock`` file, which the kernel releases when
-  the holder dies, so a SIGKILLed process never leaves the pool locked (the soft-lock
-  fallback of filelock is turned off because its marker files outlive their holder);
+  the holder dies, so a SIGKILLed process never leaves the pool locked. Each process opens
+  the lock file once (again after a fork: a child never shares its parent's lock) and
+  polls a busy lock every ``poll_interval``. A lock file removed while open is noticed
+  (no links left once locked) and opened anew, so every process locks the same file.
+  Where ``flock`` is missing (Windows) filelock takes its place, with its soft-lock
+  fallback turned off because its marker files outlive their holder. filelock's own
+  ``flock`` path was measured and replaced: it opens, checks and closes the lock file on
+  every acquisition (with fork and thread bookkeeping), 135 us per operation against 30 us
+  here (``benchmarks/cpu_ceiling.py``: a request takes two operations);
 * the state is rewritten in place, under the lock, as one ``write`` of a fixed-size
   record (JSON padded with spaces to 512 bytes, so no truncate is ever needed). A
   write that small lands in one page and a signal cannot split it, so a killed
@@ -17,19 +25,27 @@ millisecond); callers sleep outside the lock. Why it survives crashes:
 * reservations are debt, so a process that dies after reserving has only used
   capacity, which refills at the normal rate.
 
+An async reservation (``aacquire``) runs inline when the lock is free at once and goes
+to a thread only when it is busy, so a reservation never holds up the event loop while
+another process has the lock (the thread hop cost more than the reservation itself); the
+feedback after an answer (``settle``: the headers, then the token correction) is one
+operation instead of two.
+
 No fsync: the state is a rate budget; losing it in a power cut costs one burst.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import sys
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,9 +59,9 @@ FORMAT_VERSION = 1
 RECORD_SIZE = 512  # the JSON is padded to this; longer records are written whole
 _O_BINARY = getattr(os, "O_BINARY", 0)
 
-# filelock retries a busy lock by sleeping poll_interval (default 0.05 s, no FIFO). With 8
-# processes hammering (benchmarks/budget_lock.py, 2 vCPU) 0.05 s gave p99 50-100 ms and a
-# max near 1 s per reservation; 0.002 s gave p99 ~35 ms and a max ~150 ms.
+# a busy lock is retried every poll_interval (filelock's default is 0.05 s, no FIFO). With
+# 8 processes hammering (benchmarks/budget_lock.py, 2 vCPU) 0.05 s gave p99 50-100 ms and
+# a max near 1 s per reservation; 0.002 s gave p99 ~35 ms and a max ~150 ms.
 DEFAULT_POLL_INTERVAL = 0.002
 
 T = TypeVar("T")
@@ -59,13 +75,98 @@ def safe_name(key: str) -> str:
     return cleaned
 
 
-def _file_lock(path: Path, timeout: float) -> FileLock:
-    try:
-        # filelock 4 would silently degrade to a soft lock where flock is missing, and a
-        # soft lock's marker file outlives a killed holder: fail loudly instead
-        return FileLock(path, timeout=timeout, thread_local=False, fallback_to_soft=False)
-    except TypeError:  # filelock 3 has no soft fallback (it raises), nor the flag
-        return FileLock(path, timeout=timeout, thread_local=False)
+class _LockTimeout(Exception):
+    """The lock stayed busy for the whole timeout."""
+
+
+class _FileLockLock:
+    """filelock's lock, where there is no ``flock`` (Windows); never tried without
+    blocking, so every async reservation there goes to a thread."""
+
+    def __init__(self, path: Path, timeout: float, poll_interval: float) -> None:
+        self._poll_interval = poll_interval
+        try:
+            # filelock 4 would silently degrade to a soft lock where flock is missing, and a
+            # soft lock's marker file outlives a killed holder: fail loudly instead
+            self._lock = FileLock(path, timeout=timeout, thread_local=False, fallback_to_soft=False)
+        except TypeError:  # filelock 3 has no soft fallback (it raises), nor the flag
+            self._lock = FileLock(path, timeout=timeout, thread_local=False)
+
+    def acquire(self, blocking: bool) -> bool:
+        if not blocking:
+            return False
+        try:
+            self._lock.acquire(poll_interval=self._poll_interval)
+        except Timeout:
+            raise _LockTimeout from None
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def close(self) -> None:
+        pass
+
+
+class _FlockLock:
+    """``flock(2)`` on the lock file, opened once per process and kept open."""
+
+    def __init__(self, path: Path, timeout: float, poll_interval: float) -> None:
+        self.path, self._timeout, self._poll_interval = path, timeout, poll_interval
+        self._fd = -1
+        self._pid = 0
+
+    def _open(self) -> int:
+        if self._fd >= 0 and self._pid == os.getpid():
+            return self._fd
+        self.close()  # a forked child's copy: the parent's lock must stay the parent's
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the run directory was removed: made again (as filelock)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._pid = os.getpid()
+        return self._fd
+
+    def acquire(self, blocking: bool) -> bool:
+        import fcntl
+
+        deadline = time.monotonic() + self._timeout if self._timeout >= 0 else None
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not blocking:
+                    return False
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise _LockTimeout from None
+                time.sleep(self._poll_interval)
+                continue
+            try:
+                linked = os.fstat(fd).st_nlink > 0
+            except OSError:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                raise
+            if linked:
+                return True
+            self.close()  # the file was removed meanwhile: lock the one at the path now
+
+    def release(self) -> None:
+        import fcntl
+
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close this process's descriptor (a parent's lock survives a child's close)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        with suppress(Exception):  # late in interpreter shutdown, os may be gone
+            self.close()
 
 
 class FileBudget(BaseBudget):
@@ -96,7 +197,8 @@ class FileBudget(BaseBudget):
                 f"cannot create the budget directory {self.path.parent}: {exc}"
             ) from None
         self._poll_interval = poll_interval
-        self._flock = _file_lock(self.lock_path, lock_timeout)
+        kind = _FileLockLock if sys.platform == "win32" else _FlockLock
+        self._flock: _FlockLock | _FileLockLock = kind(self.lock_path, lock_timeout, poll_interval)
         # threads of one process queue here (blocking, FIFO-ish) instead of polling flock
         self._thread_lock = threading.Lock()
 
@@ -104,6 +206,20 @@ class FileBudget(BaseBudget):
 
     def reserve(self, tokens: int) -> float:
         return self._update(lambda s, now: base.reserve(s, self.limits, tokens, now))
+
+    async def aacquire(self, tokens: int) -> float:
+        """Reserve without blocking the event loop: inline when the lock is free at once
+        (one short read-modify-write), in a thread when another holder has it."""
+
+        def change(s: BudgetState, now: float) -> float:
+            return base.reserve(s, self.limits, tokens, now)
+
+        wait = self._try_update(change)
+        if wait is None:
+            wait = await asyncio.to_thread(self._update, change)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return wait
 
     def correct(self, reserved_tokens: int, actual_tokens: int) -> None:
         self._update(
@@ -113,6 +229,15 @@ class FileBudget(BaseBudget):
     def observe(self, snapshot: RateLimitSnapshot) -> None:
         self._update(lambda s, now: base.observe(s, self.limits, snapshot, now))
 
+    def settle(self, snapshot: RateLimitSnapshot, reserved_tokens: int, actual_tokens: int) -> None:
+        """``observe`` then ``correct``, in one locked operation."""
+
+        def change(s: BudgetState, now: float) -> None:
+            base.observe(s, self.limits, snapshot, now)
+            base.correct(s, self.limits, reserved_tokens, actual_tokens, now)
+
+        self._update(change)
+
     def pause(self, seconds: float) -> None:
         self._update(lambda s, now: base.pause(s, self.limits, seconds, now))
 
@@ -120,6 +245,11 @@ class FileBudget(BaseBudget):
         """The shared state as stored (for diagnostics and tests); changes nothing."""
         with self._locked():
             return self._read()
+
+    def close(self) -> None:
+        """Close the lock file (it is opened again if the budget is used again)."""
+        with self._thread_lock:
+            self._flock.close()
 
     def __repr__(self) -> str:
         lim = self.limits
@@ -132,20 +262,40 @@ class FileBudget(BaseBudget):
 
     def _update(self, change: Callable[[BudgetState, float], T]) -> T:
         with self._locked():
+            return self._rewrite(change)
+
+    def _try_update(self, change: Callable[[BudgetState, float], T]) -> T | None:
+        """``_update`` if the lock can be had without waiting, else None (nothing done)."""
+        if not self._thread_lock.acquire(blocking=False):
+            return None
+        try:
+            if not self._acquire(blocking=False):
+                return None
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
-            except OSError as exc:
-                raise BudgetError(f"cannot open the budget state {self.path}: {exc}") from None
-            with os.fdopen(fd, "r+b", buffering=0) as f:
-                state = _parse(self._io(f.read, "read"))
-                # read the clock inside the lock so the stored ts only moves forward
-                result = change(state, self._clock())
-                record = _serialize(state)
-                self._io(lambda: f.seek(0), "write")
-                self._io(lambda: f.write(record), "write")
-                if self._io(lambda: os.fstat(fd).st_size, "write") > len(record):
-                    self._io(lambda: f.truncate(len(record)), "write")
-            return result
+                return self._rewrite(change)
+            finally:
+                self._flock.release()
+        finally:
+            self._thread_lock.release()
+
+    def _rewrite(self, change: Callable[[BudgetState, float], T]) -> T:
+        """Read, change and write the state back; the caller holds the lock."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_BINARY, 0o644)
+        except OSError as exc:
+            raise BudgetError(f"cannot open the budget state {self.path}: {exc}") from None
+        try:
+            size = self._io(lambda: os.fstat(fd).st_size, "read")
+            state = _parse(self._io(lambda: os.pread(fd, max(size, RECORD_SIZE), 0), "read"))
+            # read the clock inside the lock so the stored ts only moves forward
+            result = change(state, self._clock())
+            record = _serialize(state)
+            self._io(lambda: os.pwrite(fd, record, 0), "write")  # one write, in place
+            if size > len(record):
+                self._io(lambda: os.ftruncate(fd, len(record)), "write")
+        finally:
+            os.close(fd)
+        return result
 
     def _io(self, op: Callable[[], T], what: str) -> T:
         try:
@@ -153,18 +303,21 @@ class FileBudget(BaseBudget):
         except OSError as exc:
             raise BudgetError(f"cannot {what} the budget state {self.path}: {exc}") from None
 
+    def _acquire(self, *, blocking: bool) -> bool:
+        try:
+            return self._flock.acquire(blocking)
+        except _LockTimeout:
+            raise BudgetError(
+                f"could not lock the budget {self.lock_path} within {self._lock_timeout:g} s"
+                " (is a process holding it stopped?)"
+            ) from None
+        except (OSError, NotImplementedError) as exc:  # e.g. no flock on this filesystem
+            raise BudgetError(f"cannot lock the budget {self.lock_path}: {exc}") from None
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         with self._thread_lock:
-            try:
-                self._flock.acquire(poll_interval=self._poll_interval)
-            except Timeout:
-                raise BudgetError(
-                    f"could not lock the budget {self.lock_path} within {self._lock_timeout:g} s"
-                    " (is a process holding it stopped?)"
-                ) from None
-            except (OSError, NotImplementedError) as exc:  # e.g. no flock on this filesystem
-                raise BudgetError(f"cannot lock the budget {self.lock_path}: {exc}") from None
+            self._acquire(blocking=True)
             try:
                 yield
             finally:

@@ -102,11 +102,7 @@ def validate_chat(body: Any, config: SimConfig) -> ChatRequest:
         )
     temperature = _number(body, "temperature", 0.0, 2.0, default=1.0, integer=False)
     n = int(_number(body, "n", 1, MAX_N, default=1, integer=True))
-    max_tokens: int | None = None
-    for name in ("max_tokens", "max_completion_tokens"):
-        if body.get(name) is not None:
-            # max_completion_tokens wins when both are given (it is the newer name)
-            max_tokens = int(_number(body, name, 1, 10_000_000, default=1, integer=True))
+    max_tokens = _max_tokens(body)
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise errors.invalid_type("seed", "an integer", seed)
@@ -131,6 +127,15 @@ def validate_chat(body: Any, config: SimConfig) -> ChatRequest:
         prompt_tokens=prompt,
         rate_tokens=prompt + reserved,
     )
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    max_tokens: int | None = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        if body.get(name) is not None:
+            # max_completion_tokens wins when both are given (it is the newer name)
+            max_tokens = int(_number(body, name, 1, 10_000_000, default=1, integer=True))
+    return max_tokens
 
 
 def _reasoning_rules(body: Mapping[str, Any]) -> None:

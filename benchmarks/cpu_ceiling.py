@@ -1,0 +1,305 @@
+"""The fetch loop's CPU ceiling: our fetch against a raw aiohttp loop, same server, same run.
+
+    python benchmarks/cpu_ceiling.py            # 5,000 requests a round, 2 rounds of each
+    python benchmarks/cpu_ceiling.py --quick    # 500 a round, for a smoke check
+
+The server is the package's simulator in a separate process (no rate limit, no latency),
+so it does not share the client's CPU or GIL. With nothing to wait for, a client's
+requests per second is bounded by the CPU it spends per request: that is the ceiling
+measured here. Two loops send the same kind of request (gpt-4o-mini, one user message,
+``max_completion_tokens`` 8, every body unique), 64 in flight:
+
+* **raw**: one ``aiohttp.ClientSession``, POST ``/v1/chat/completions`` with a JSON body,
+  the JSON reply parsed; nothing else;
+* **ours**: ``LLMClient.arun`` as the prefetch runs it (``engine.Fetch``): the file budget
+  (the default), the SDK, retries, and for each answer what ``Fetch.answered`` does: the
+  answer saved to a fresh ``ResponseStore`` (one durable commit), a journal line, the
+  progress counter.
+
+Rounds alternate (raw, ours, raw, ours...) so a drift of the machine hits both. For each
+round: wall time, requests per second, client CPU (this process, all threads) and server
+CPU (the simulator's process) per request; then the ratio ours/raw of the best rounds.
+Goal: >= 0.9. The exit status is non-zero only when a request failed or a loop lost
+answers, never for missing the goal.
+
+Reading it: with both loops CPU-bound, ours/raw is about raw's client CPU per request over
+ours. When the raw loop's server CPU per request times its rate nears one core, the raw
+loop is bound by the server, not by its own CPU, and the ratio overstates ours. To see
+where ours spends its time: ``py-spy record -- python benchmarks/cpu_ceiling.py --only
+ours`` (py-spy from PyPI; not a dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pytest_llmbench.client import ENDPOINT, LLMClient  # noqa: E402
+from pytest_llmbench.config import LLMConfig  # noqa: E402
+from pytest_llmbench.errors import LLMCallError  # noqa: E402
+from pytest_llmbench.journal import JournalWriter  # noqa: E402
+from pytest_llmbench.response import Answer  # noqa: E402
+from pytest_llmbench.store import (  # noqa: E402
+    SIM_ORIGIN,
+    PlannedRequest,
+    ResponseStore,
+    request_key,
+)
+
+FAKE_KEY = "sk-test-fake-key-benchmark-0000"
+CONCURRENCY = 64
+GOAL = 0.9
+
+
+@dataclass
+class Round:
+    name: str
+    n: int
+    wall: float
+    cpu: float
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.n / self.wall
+
+    @property
+    def cpu_us(self) -> float:
+        return 1e6 * self.cpu / self.n
+
+
+# ------------------------------------------------------------------------------ server
+class SimProcess:
+    """``python -m pytest_llmbench.sim`` in a child process: no limits, no latency."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_llmbench.sim", "--port", "0", "--latency", "none"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        banner = self.proc.stdout.readline().strip()
+        if "listening on" not in banner:
+            self.close()
+            raise SystemExit(f"the simulator did not start: {banner!r}")
+        self.base_url = banner.rsplit(" ", 1)[1]
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU time so far (user + system), from /proc; 0 where unknown."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def bodies(tag: str, n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": f"Question {tag}-{i}: what is {i} + 1?"}],
+            "max_completion_tokens": 8,
+        }
+        for i in range(n)
+    ]
+
+
+# ------------------------------------------------------------------------------ loops
+async def raw_loop(base_url: str, work: list[dict[str, Any]]) -> int:
+    """64 workers on one aiohttp session; returns the number of failed requests."""
+    import aiohttp
+
+    url = f"{base_url}/chat/completions"
+    headers = {"Authorization": f"Bearer {FAKE_KEY}"}
+    todo = iter(work)
+    errors = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        for body in todo:
+            async with session.post(url, json=body, headers=headers) as resp:
+                data = await resp.json()
+                if resp.status != 200 or "choices" not in data:
+                    errors += 1
+
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(CONCURRENCY)))
+    return errors
+
+
+class Fetcher:
+    """What ``engine.Fetch`` does with each outcome, minus pytest: save, journal, count."""
+
+    def __init__(self, store: ResponseStore, journal: JournalWriter) -> None:
+        self.store, self.journal = store, journal
+        self.done = self.failed = self.retries = self.rate_limited = self.tokens = 0
+        self.errors: list[str] = []
+
+    def answered(self, req: PlannedRequest, answer: Answer) -> None:
+        self.store.save(req, answer, source="prefetch", replace=False)
+        self.journal.settled(req.key)
+        usage = answer.body.get("usage") or {}
+        # Progress.advance, without a terminal to write to
+        self.done += 1
+        self.retries += answer.attempts - 1
+        self.rate_limited += answer.rate_limited
+        self.tokens += int(usage.get("total_tokens") or 0)
+
+    def on_error(self, req: PlannedRequest, exc: LLMCallError) -> None:
+        self.journal.settled(req.key)
+        self.failed += 1
+        if len(self.errors) < 3:
+            self.errors.append(str(exc))
+
+
+def planned(tag: str, n: int) -> list[PlannedRequest]:
+    out = []
+    for i, body in enumerate(bodies(tag, n)):
+        nodeid = f"test_bench.py::test_case[{tag}-{i}]"
+        out.append(
+            PlannedRequest(request_key(nodeid, 0, ENDPOINT, body), nodeid, 0, ENDPOINT, body)
+        )
+    return out
+
+
+def our_config(base_url: str, run_dir: Path) -> LLMConfig:
+    # the environment is left out (context env {}): the defaults are what a user gets,
+    # the file budget among them (budget_url None)
+    data = {
+        "api_key": FAKE_KEY,
+        "base_url": base_url,
+        "max_concurrency": CONCURRENCY,
+        "run_dir": run_dir,
+    }
+    return LLMConfig.model_validate(data, context={"env": {}})
+
+
+def ours(base_url: str, tag: str, n: int, tmp: Path) -> Round:
+    run_dir = tmp / f"run-{tag}"
+    store = ResponseStore.open(run_dir, origin=SIM_ORIGIN)
+    journal = JournalWriter(run_dir / "fetch.journal")
+    fetcher = Fetcher(store, journal)
+    work = planned(tag, n)
+    client = LLMClient(our_config(base_url, run_dir))
+    try:
+        cpu, started = time.process_time(), time.perf_counter()
+        asyncio.run(client.arun(work, _body, fetcher.answered, fetcher.on_error))
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        client.close()
+        journal.close()
+    stored = len(store)
+    store.close()
+    for line in fetcher.errors:
+        print(f"   ours: {line}")
+    lost = n - stored
+    if lost and not fetcher.failed:
+        print(f"   ours: {lost} answers missing from the store")
+    return Round("ours (LLMClient.arun)", n, wall, cpu, fetcher.failed + max(0, lost))
+
+
+def _body(req: PlannedRequest) -> dict[str, Any]:
+    return req.body
+
+
+def raw(base_url: str, tag: str, n: int) -> Round:
+    work = bodies(tag, n)
+    cpu, started = time.process_time(), time.perf_counter()
+    errors = asyncio.run(raw_loop(base_url, work))
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return Round("raw aiohttp", n, wall, cpu, errors)
+
+
+# ------------------------------------------------------------------------------ main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="500 requests a round")
+    parser.add_argument("-n", type=int, help="requests per round (default 5,000)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each loop (2)")
+    parser.add_argument("--only", choices=["raw", "ours"], help="run one loop (profiling)")
+    args = parser.parse_args()
+    n = args.n or (500 if args.quick else 5000)
+    sim = SimProcess()
+    results: list[tuple[Round, float]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="llmbench-cpu-") as tmp:
+            # warm-up, not measured: imports, the first connections, the server's caches
+            raw(sim.base_url, "warm-raw", 200)
+            ours(sim.base_url, "warm-ours", 200, Path(tmp))
+            for r in range(args.rounds):
+                for which in ("raw", "ours"):
+                    if args.only and which != args.only:
+                        continue
+                    server_cpu = sim.cpu_seconds()
+                    tag = f"{which}{r}"
+                    got = (
+                        raw(sim.base_url, tag, n)
+                        if which == "raw"
+                        else ours(sim.base_url, tag, n, Path(tmp))
+                    )
+                    results.append((got, sim.cpu_seconds() - server_cpu))
+    finally:
+        sim.close()
+    return report(n, results)
+
+
+def report(n: int, results: list[tuple[Round, float]]) -> int:
+    print(
+        f"\nCPU ceiling: {n} requests a round, {CONCURRENCY} in flight, simulator in its "
+        f"own process (no limit, no latency), {os.cpu_count()} CPUs"
+    )
+    head = (
+        f"{'loop':24} {'requests':>8} {'wall s':>7} {'req/s':>7} {'client CPU us/req':>17} "
+        f"{'server CPU us/req':>17} {'errors':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for got, server_cpu in results:
+        print(
+            f"{got.name:24} {got.n:8d} {got.wall:7.2f} {got.rps:7.0f} {got.cpu_us:17.0f} "
+            f"{1e6 * server_cpu / got.n:17.0f} {got.errors:6d}"
+        )
+    raws = [g for g, _ in results if g.name.startswith("raw")]
+    our = [g for g, _ in results if g.name.startswith("ours")]
+    if raws and our:
+        best_raw, best_ours = max(g.rps for g in raws), max(g.rps for g in our)
+        ratio = best_ours / best_raw
+        mean = sum(g.rps for g in our) / len(our) / (sum(g.rps for g in raws) / len(raws))
+        verdict = "meets" if ratio >= GOAL else "misses"
+        print(
+            f"ours / raw: {ratio:.2f} (best rounds: {best_ours:.0f} vs {best_raw:.0f} req/s; "
+            f"mean of rounds {mean:.2f}); {verdict} the goal of >= {GOAL}"
+        )
+    failed = sum(g.errors for g, _ in results)
+    if failed:
+        print(f"{failed} request(s) failed or lost")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
