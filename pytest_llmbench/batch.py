@@ -254,6 +254,9 @@ class BatchRunner:
         if lines.problem:
             self.log.problems.append(lines.problem)
         self.ledger.update(job["input_file_id"], collected=True, status=batch.status)
+        if lines.fatal is not None:
+            # what the job answered is stored; nothing more is sent (run_rounds exits)
+            raise LLMCallError(lines.fatal, fatal=True)
         return lines.collected(batch.id, batch.status, live=self.settings.fallback == "live")
 
     def _verdict(self, key: str, response: Any, error: Any) -> Verdict:
@@ -348,7 +351,7 @@ def run_rounds(
         stats = stage.settle()
     except LLMCallError as exc:
         if exc.fatal:  # a wrong key, no quota...: every other call would fail the same way
-            pytest.exit(stop_message(f"a Batch API call failed: {exc}"), FATAL_EXIT_STATUS)
+            pytest.exit(stop_message(f"the Batch API refused the run: {exc}"), FATAL_EXIT_STATUS)
         pytest.exit(f"llmbench: a Batch API call failed: {exc}", returncode=1)
     finally:
         if stats is None:  # stopped early: what is known so far

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .batch_ledger import Requests, planned
+from .retry import QUOTA_CODES, UNSUPPORTED_CODES
 
 if TYPE_CHECKING:
     from .plan import PlannedRequest
@@ -44,10 +45,11 @@ class Verdict:
 
     resubmit: bool
     reason: str = ""
+    fatal: bool = False  # every other request would get it too (a wrong key, no quota...)
 
     @classmethod
-    def failed(cls, reason: str) -> Verdict:
-        return cls(resubmit=False, reason=reason)
+    def failed(cls, reason: str, fatal: bool = False) -> Verdict:
+        return cls(resubmit=False, reason=reason, fatal=fatal)
 
 
 RESUBMIT = Verdict(resubmit=True)
@@ -64,16 +66,29 @@ def line_verdict(
     the live fallback (``live``) a line fails here at once, to be called in real time in
     the run, except an expired one (it never ran: the next job is still half price).
     """
+    fatal = False
     if isinstance(response, dict):
         reason, retryable = _http_reason(response)
+        fatal = _fatal_response(response)
         expired = False
     else:
         reason, retryable, expired = _code_reason(error if isinstance(error, dict) else {})
     to_live = live and not expired
-    if retryable and not to_live and attempts < max_attempts:
+    if retryable and not to_live and attempts < max_attempts and not fatal:
         return RESUBMIT
     plural = "s" if attempts != 1 else ""
-    return Verdict.failed(f"Batch API error: {reason} (after {attempts} attempt{plural})")
+    return Verdict.failed(f"Batch API error: {reason} (after {attempts} attempt{plural})", fatal)
+
+
+def _fatal_response(response: dict[str, Any]) -> bool:
+    """A line refused for a reason every request shares (see ``retry.is_fatal``)."""
+    status = int(response.get("status_code") or 0)
+    body = response.get("body")
+    err = (body.get("error") if isinstance(body, dict) else None) or {}
+    code, typ = err.get("code"), err.get("type")
+    if status in (401, 403, 404) or typ in QUOTA_CODES or code in QUOTA_CODES:
+        return True
+    return status == 400 and code in UNSUPPORTED_CODES
 
 
 def _http_reason(response: dict[str, Any]) -> tuple[str, bool]:
@@ -120,6 +135,7 @@ class JobLines:
         self.token_limit = False
         self.reason = ""  # why a failed job failed
         self.problem: str | None = None  # a failed or cancelled job, for the summary
+        self.fatal: str | None = None  # the first refusal every other request shares
 
     def answered(self, key: str) -> None:
         self.seen.add(key)
@@ -132,6 +148,8 @@ class JobLines:
             self.retry.append(key)
         else:
             self.errors[key] = verdict.reason
+            if verdict.fatal and self.fatal is None:
+                self.fatal = verdict.reason
 
     def unseen(self) -> list[str]:
         return [k for k in self.requests if k not in self.seen]

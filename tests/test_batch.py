@@ -207,9 +207,9 @@ def http(status: int, code: str | None = "server_error", message: str = "boom") 
     return {"status_code": status, "body": {"error": {"code": code, "message": message}}}
 
 
-def failed(reason: str, attempts: int = 1) -> Verdict:
+def failed(reason: str, attempts: int = 1, *, fatal: bool = False) -> Verdict:
     plural = "s" if attempts != 1 else ""
-    return Verdict.failed(f"Batch API error: {reason} (after {attempts} attempt{plural})")
+    return Verdict.failed(f"Batch API error: {reason} (after {attempts} attempt{plural})", fatal)
 
 
 EXPIRED = {"code": "batch_expired", "message": "not run (job expired)"}
@@ -243,10 +243,21 @@ MISSING = {"code": "missing_result", "message": "not run (job completed)"}
             None,
             1,
             False,
-            failed("HTTP 401 auth: no"),
+            failed("HTTP 401 auth: no", fatal=True),
             id="401-type-label",
         ),
-        pytest.param(http(404, None, ""), None, 1, False, failed("HTTP 404 :"), id="404-empty"),
+        pytest.param(
+            http(404, None, ""), None, 1, False, failed("HTTP 404 :", fatal=True), id="404-empty"
+        ),
+        # refusals every line shares stop the run (a parameter the model does not accept)
+        pytest.param(
+            http(400, "unsupported_value", "no"),
+            None,
+            1,
+            False,
+            failed("HTTP 400 unsupported_value: no", fatal=True),
+            id="400-unsupported",
+        ),
         # an output line without a response is not retried (status 0)
         pytest.param({}, {"code": "server_error"}, 1, False, failed("HTTP 0 :"), id="no-status"),
         # with --llm-batch-fallback live a retryable line is left to the live API at once

@@ -85,17 +85,32 @@ def test_a_fatal_refusal_stops_the_run_at_once(
     assert wall < 30  # not 60 cases' worth of refusals (a generous bound on a busy CI)
 
 
-def test_a_fatal_refusal_at_batch_upload_stops_the_run(
-    pytester: pytest.Pytester, api: Simulator
+#: in batch mode the key is refused at upload, the quota at the job's creation, and the
+#: rest in the job's output lines (the job's answers are stored; nothing more is sent)
+BATCH_PHRASE = {
+    "401 wrong key": "(401)",
+    "403 no access": "HTTP 403",
+    "429 quota": "insufficient_quota",
+    "404 model": "HTTP 404",
+    "400 parameter": "unsupported_value",
+}
+
+
+@pytest.mark.parametrize("kind", list(FATAL))
+def test_a_fatal_refusal_in_batch_mode_stops_the_run(
+    pytester: pytest.Pytester, api: Simulator, kind: str
 ) -> None:
-    api.configure(api_keys=["sk-test-fake-other-key-0009"])
+    sim_config, args, _ = FATAL[kind]
+    api.configure(batch_validating_seconds=0.05, batch_finalizing_seconds=0.05, **sim_config)
     suite(pytester, 20)
-    result = pytester.runpytest_subprocess("-n", "2", "-rN", "--batch-api")
+    result = pytester.runpytest_subprocess("-n", "2", "-rN", "--batch-api", *args)
     assert result.ret == FATAL_EXIT_STATUS, text_of(result)
     stats = api.stats()
-    assert stats["files_uploaded"] == 0 and stats["batches_created"] == 0
-    assert stats["chat_requests"] == 0
-    assert "(401)" in text_of(result) and "Traceback" not in text_of(result)
+    assert stats["chat_requests"] == 0  # no case went on to the live API
+    assert stats["batches_created"] <= 1
+    text = text_of(result)
+    assert BATCH_PHRASE[kind] in text and "stored answers are kept" in text
+    assert "Traceback" not in text
 
 
 def test_after_the_fix_the_same_command_resumes(pytester: pytest.Pytester, api: Simulator) -> None:

@@ -276,7 +276,11 @@ async def delete_file(request: web.Request) -> web.StreamResponse:
 
 
 async def create_batch(request: web.Request) -> web.StreamResponse:
-    check_key(request, request.app[STATE])
+    state = request.app[STATE]
+    check_key(request, state)
+    if state.config.quota_exceeded:  # a job is refused at creation, as a chat call is
+        state.count("quota_429")
+        raise SimAPIError(429, errors.QUOTA, "insufficient_quota", None, "insufficient_quota")
     manager = request.app[BATCHES]
     batch = manager.create(await read_json(request))
     return json_response(manager.to_json(batch))

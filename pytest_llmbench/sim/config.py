@@ -21,7 +21,8 @@ Real-time limits (per model, like the API)
     ``default_max_tokens`` (16: counted toward TPM when a request sets neither
     ``max_tokens`` nor ``max_completion_tokens``), ``tpm_refund_unused`` (False: the API
     charges the reservation; True gives back ``max_tokens·n - completion_tokens``),
-    ``quota_exceeded`` (False: True answers every chat call with 429 ``insufficient_quota``).
+    ``quota_exceeded`` (False: True answers every chat call and every batch creation with
+    429 ``insufficient_quota``).
 Latency and faults
     ``latency`` (:class:`LatencyConfig`), ``faults`` (probability per kind, e.g.
     ``{"500": 0.1}``), ``script`` (kinds applied in order to the next chat requests; ``ok``
