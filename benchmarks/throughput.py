@@ -5,7 +5,8 @@
 
 Part 1: a generated suite of 2,000 cases; the simulator enforces 3,000 requests per minute
 (50 per second, paced per second) with lognormal latency of mean 0.5 s. Four ways to run
-it, side by side in one run: prefetch with -n 8 and with -n 0, no prefetch with -n 8, and
+it, side by side in one run: prefetch with -n 8 and with -n 0 (also with ``--tb=line``,
+which spares pytest's quadratic FAILURES section), no prefetch with -n 8, and
 sequential (-n 0, no prefetch) on a 200-case subset, scaled. For each, timed end to end
 (from the start of the pytest process to its exit, everything included: start-up,
 planning, fetching, the tests, the summary, xdist's teardown): wall time, achieved
@@ -152,6 +153,14 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
             results = [
                 scenario(sim, root, "prefetch -n 8", ["-n", "8"], 2 * items, env),
                 scenario(sim, root, "prefetch -n 0", ["-n", "0"], 2 * items, env),
+                # the same with pytest's FAILURES section one line per failure: pytest
+                # scans every report for each failure (quadratic), ~0.5 s at the end here
+                scenario(
+                    sim, root, "prefetch -n 8 --tb=line", ["-n", "8", "--tb=line"], 2 * items, env
+                ),
+                scenario(
+                    sim, root, "prefetch -n 0 --tb=line", ["-n", "0", "--tb=line"], 2 * items, env
+                ),
                 scenario(
                     sim, root, "no prefetch -n 8", ["-n", "8", "--llm-no-prefetch"], 2 * items, env
                 ),
@@ -172,7 +181,7 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
         "lognormal latency mean 0.5 s"
     )
     head = (
-        f"{'mode':22} {'cases':>6} {'wall s':>7} {'req/s':>6} {'e2e/limit':>9} "
+        f"{'mode':24} {'cases':>6} {'wall s':>7} {'req/s':>6} {'e2e/limit':>9} "
         f"{'fetch/limit':>11} {'steady/limit':>12} {'429s':>5} {'429 %':>6} {'lost':>4} "
         f"{'dup':>4} "
         f"{'plan % wall':>11} {'speed-up':>8}"
@@ -187,7 +196,7 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
         plan = f"{100 * r['plan_s'] / r['wall']:10.1f}%" if r["plan_s"] else f"{'-':>11}"
         refused = 100 * r["429"] / max(1, r["requests"])
         print(
-            f"{r['name']:22} {r['cases']:6d} {r['wall']:7.1f} {rate:6.1f} "
+            f"{r['name']:24} {r['cases']:6d} {r['wall']:7.1f} {rate:6.1f} "
             f"{rate / limit_rps:9.3f} {fetch} {r['steady'] / limit_rps:12.2f} {r['429']:5d} "
             f"{refused:5.2f}% {r['lost']:4d} "
             f"{r['duplicates']:4d} {plan} {rate / seq_rate:7.1f}x"

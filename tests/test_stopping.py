@@ -8,6 +8,7 @@ matters) against a simulator over HTTP that counts what it was sent.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -132,11 +133,19 @@ def test_after_the_fix_the_same_command_resumes(pytester: pytest.Pytester, api: 
 def start_run(root: Path, *args: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-rN", *args]
     return subprocess.Popen(
-        cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as in a terminal
     )
 
 
-@pytest.mark.parametrize(("signame", "workers"), [("SIGINT", "0"), ("SIGTERM", "2")])
+@pytest.mark.parametrize(
+    ("signame", "workers"),
+    [("SIGINT", "0"), ("SIGTERM", "2"), ("SIGINT to the group", "2")],
+)
 def test_an_interrupt_keeps_what_is_in_flight(
     pytester: pytest.Pytester, api: Simulator, signame: str, workers: str
 ) -> None:
@@ -145,7 +154,10 @@ def test_an_interrupt_keeps_what_is_in_flight(
     proc = start_run(pytester.path, "-n", workers, "--llm-rpm", "6000")
     # the first answers have arrived, more are in flight
     wait_for(lambda: api.stats()["chat_answered"] >= 1, "the first answers", timeout=60)
-    proc.send_signal(getattr(signal, signame))
+    if signame.endswith("group"):  # a terminal's Ctrl-C: the workers get it too
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(getattr(signal, signame))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
     first = api.stats()
