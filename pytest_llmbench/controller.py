@@ -392,7 +392,8 @@ def prefetch_line(stats: PrefetchStats) -> str:
     return (
         f"llmbench prefetch: planned {stats.planned} request(s) in {stats.plan_s:.1f}s, "
         f"fetched {stats.fetched} in {stats.fetch_s:.1f}s ({rate:.1f}/s), {stats.failed} "
-        f"failed (retried live in the run), 429s {stats.rate_limited}, retries {stats.retries}"
+        f"failed (a refusal fails its case, a timeout or 5xx is tried again live), "
+        f"429s {stats.rate_limited}, retries {stats.retries}"
     )
 
 

@@ -281,9 +281,12 @@ def _body(req: PlannedRequest) -> dict[str, Any]:
     return req.body
 
 
+SPOOL_POLL_S = 0.02  # the spool is read this often while the plan subprocess runs
+
+
 class _PlanStream:
     """The plan subprocess, and the requests it finds as an async iterable: the spool is
-    read every 50 ms while the subprocess runs (a real wait on it, woken to read)."""
+    read every 20 ms while the subprocess runs (a real wait on it, woken to read)."""
 
     def __init__(self, fetch: Fetch, workdir: Path, only: Iterable[str] | None) -> None:
         self.fetch, self.state = fetch, fetch.state
@@ -316,7 +319,7 @@ class _PlanStream:
         fetch, progress, exited = self.fetch, self.fetch.progress, False
         while not exited and not fetch.stopping.is_set():
             try:
-                await asyncio.wait_for(proc.wait(), timeout=0.05)
+                await asyncio.wait_for(proc.wait(), timeout=SPOOL_POLL_S)
                 exited = True
             except asyncio.TimeoutError:
                 pass

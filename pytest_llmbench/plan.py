@@ -1,4 +1,5 @@
-"""Planning: which requests a run will make, found before any test runs.
+"""Planning: which requests a run will make, found by running the tests up to their
+first unanswered call in a subprocess.
 
 The controlling process runs the same pytest invocation in a subprocess with
 ``PYTEST_LLMBENCH_PHASE=plan``. There the ``llm`` fixture records each request that has
