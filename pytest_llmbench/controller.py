@@ -88,11 +88,32 @@ class Controller:
             check_budget(state)
         from .engine import streams
 
-        first = state.fresh_since is not None or len(state.store) == 0
-        if first and streams(self.config, state) and state.has_credentials():
+        if streams(self.config, state) and state.has_credentials() and self.first_run():
             # a first run (nothing stored, or --llm-fresh) starts planning and fetching
             # now, before xdist starts its workers: they collect while it fetches
             self.begin_stream(None)
+
+    def first_run(self) -> bool:
+        """Whether this is an llmbench run with nothing stored yet (or ``--llm-fresh``).
+
+        Only a run that asks for llmbench counts (an ``--llm-*`` option or ``--batch-api``,
+        an ``llm_*`` ini key, an ``LLMBENCH_*`` variable, or a run directory that holds a
+        store): the plugin is active in every pytest run of its environment, and a key in
+        the environment alone must not make a project without benchmarks collect twice
+        or get a run directory. Any other run starts planning once collection shows it
+        calls the model (:meth:`collected`)."""
+        from .options import OPTIONS
+        from .store import STORE_FILENAME
+
+        state, config = self.state, self.config
+        stored = (state.llm_config.run_dir / STORE_FILENAME).exists()
+        if not stored:
+            args = [str(a) for a in config.invocation_params.args]
+            asked = any(a.startswith(("--llm-", "--batch-api")) for a in args)
+            asked = asked or any(_ini_set(config, o.dest) for o in OPTIONS)
+            asked = asked or any(name.startswith("LLMBENCH_") for name in os.environ)
+            return asked
+        return state.fresh_since is not None or len(state.store) == 0
 
     def close(self) -> None:
         from .plan import remove_collection_flags
@@ -427,6 +448,13 @@ def _workers(config: pytest.Config) -> int:
         return int(n) if n else 0
     except (TypeError, ValueError):
         return os.cpu_count() or 1
+
+
+def _ini_set(config: pytest.Config, name: str) -> bool:
+    try:
+        return bool(config.getini(name))  # unset: "" or []
+    except (ValueError, KeyError):
+        return False
 
 
 def _asks_help(config: pytest.Config) -> bool:
