@@ -51,7 +51,7 @@ from .plan import (
     runs_tests,
 )
 from .progress import PrefetchStats, Progress
-from .store import Failure
+from .store import Failure, ensure_run_dir
 
 if TYPE_CHECKING:
     from .batch import BatchStats
@@ -99,22 +99,21 @@ def run_staged(
     # Batch mode always plans the whole selection: a case with some answers may still
     # have a dependent call to ask, or one in a job still open from an interrupted run;
     # skipping it would send that call live, at full price, or pay for it twice.
+    batch = state.llm_config.batch.enabled
+    only = None if batch else unanswered(state, nodeids)
+    if only is not None and not only:
+        return None  # every selected case has its answers stored: a pure replay
     workdir = Path(tempfile.mkdtemp(prefix="llmbench-plan-"))
-    if state.llm_config.batch.enabled:
-        try:
+    try:
+        if batch:
             from .batch import run_rounds
 
             run_rounds(config, state, workdir, on_batch)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return None
-    only = unanswered(state, nodeids)
-    if only is not None and not only:
+            return None
+        # cassettes load the planned cases' files up front: plan first, then fetch
+        planned, plan_s = run_plan(config, state, workdir, only)
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        return None  # every selected case has its answers stored: a pure replay
-    # cassettes load the planned cases' files up front: plan first, then fetch
-    planned, plan_s = run_plan(config, state, workdir, only)
-    shutil.rmtree(workdir, ignore_errors=True)
     todo = [p for p in planned if not state.is_answered(p.key)]
     if not todo:
         return None
@@ -131,7 +130,8 @@ def start_stream(
 ) -> Fetch:
     """Start planning and fetching in a thread; the tests may run meanwhile."""
     fetch = Fetch(config, state, live_line=live_line)
-    fetch.journal = JournalWriter(journal_path(state.llm_config.run_dir, state.run_token))
+    run_dir = ensure_run_dir(state.llm_config.run_dir)
+    fetch.journal = JournalWriter(journal_path(run_dir, state.run_token))
     fetch.start(lambda: fetch.stream(only))
     return fetch
 
