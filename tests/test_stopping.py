@@ -129,6 +129,17 @@ def test_after_the_fix_the_same_command_resumes(pytester: pytest.Pytester, api: 
     assert stats["duplicate_bodies"] == 0 and stats["chat_answered"] == 30
 
 
+def test_a_project_without_benchmarks_is_left_alone(
+    pytester: pytest.Pytester, api: Simulator
+) -> None:
+    # the plugin is active in every run of its environment, and a key is often set there
+    pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    pytester.makeini("[pytest]\n")
+    result = pytester.runpytest_subprocess("-n", "0")
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / ".llmbench").exists()  # no run directory, no planning
+
+
 # ---------------------------------------------------------------------- interrupts
 def start_run(root: Path, *args: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-rN", *args]
@@ -139,6 +150,14 @@ def start_run(root: Path, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group, as in a terminal
+    )
+
+
+def journal_says(run_dir: Path, status: str) -> bool:
+    """Whether the run's fetch journal has ended with ``status``."""
+    return any(
+        f'"status": "{status}"' in path.read_text(encoding="utf-8")
+        for path in run_dir.glob("fetch-*.journal")
     )
 
 
@@ -181,10 +200,13 @@ def test_a_second_interrupt_exits_at_once(pytester: pytest.Pytester, api: Simula
     wait_for(lambda: api.stats()["chat_requests"] >= 20, "the requests in flight", timeout=60)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)  # paces the two signals (one press, then another), waits for nothing
+    # the first signal is being handled once the fetch journal records the interrupt
+    run_dir = pytester.path / ".llmbench"
+    wait_for(lambda: journal_says(run_dir, "interrupted"), "the first signal's handling")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert time.monotonic() - started < 20  # neither the drain (60 s) nor the latency (30 s)
+    assert api.stats()["chat_answered"] == 0  # it did not wait for the answers in flight
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
     assert "interrupted twice" in out and "Traceback" not in out
 
