@@ -21,7 +21,10 @@ STATE = pytest.StashKey[RunState]()
 CONTROLLER: pytest.StashKey[Controller] = pytest.StashKey()
 CASE = pytest.StashKey[CaseAccumulator]()
 PARAM_FIXTURE = "case"  # the indirect parameter: (item, temperature, sample)
-MARKER_KWARGS = frozenset({"dataset", "temperatures", "id", "samples", "plan", "required"})
+MARKER_KWARGS = frozenset(
+    {"dataset", "temperatures", "id", "samples", "plan", "required", "normalize"}
+)
+CHECKED = pytest.StashKey[dict[str, Any]]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -139,6 +142,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     samples = int(marker.kwargs.get("samples", 1))
     if samples < 1:
         pytest.fail(pytrace=False, reason=f"{where}: samples must be at least 1")
+    normalizer = marker.kwargs.get("normalize")
+    if normalizer is not None and not callable(normalizer):
+        pytest.fail(pytrace=False, reason=f"{where}: normalize must be a function (str -> str)")
     problem: str | None = None
     try:
         items = load_dataset(
@@ -258,6 +264,11 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     frame (~50 ms each); a benchmark with thousands of wrong answers would spend minutes
     there. Raising pytest's own outcomes here gives one-line reports instead.
     """
+    from .scoring import CHECKED as CHECK_SINK
+
+    sink: dict[str, Any] = {}
+    item.stash[CHECKED] = sink
+    token = CHECK_SINK.set(sink)
     try:
         return (yield)
     except LLMPending:
@@ -278,6 +289,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
         if item.get_closest_marker("llmbench") is None or not short:
             raise
         message = str(exc)
+    finally:
+        CHECK_SINK.reset(token)
     # raised outside the except blocks, so pytest shows the message once, without
     # "During handling of the above exception, another exception occurred"
     if message is None:
@@ -323,6 +336,22 @@ def _case_properties(item: pytest.Item, report: pytest.TestReport, excinfo: Any)
     acc.suite = getattr(item, "originalname", item.name)
     if param:
         acc.item_id, acc.temperature, acc.sample = param[0].id, param[1], param[2]
+    _grade_fields(item, acc, param)
     acc.outcome, acc.error = outcome, error
     acc.latency_s, acc.duration_s = round(acc.latency_s, 6), round(report.duration, 6)
     return acc.to_dict()
+
+
+def _grade_fields(item: pytest.Item, acc: Any, param: Any) -> None:
+    """The question, expected answer and normalised answer the report shows."""
+    from .scoring import graded_fields
+
+    marker = item.get_closest_marker("llmbench")
+    normalizer = marker.kwargs.get("normalize") if marker is not None else None
+    data = dict(param[0].data) if param else None
+    try:
+        acc.question, acc.expected, acc.answer = graded_fields(
+            item.stash.get(CHECKED, None), data, acc.response, normalizer
+        )
+    except Exception as exc:  # a suite's normalizer must not lose the case's result
+        acc.answer = f"<normalize failed: {type(exc).__name__}: {exc}>"[:300]

@@ -68,6 +68,11 @@ class CaseResult:
     model: str | None = None
     duration_s: float = 0.0
     batch: bool = False
+    # what the grader saw (from ``check``, else the dataset's usual fields): the report's
+    # items, and ``answer`` (normalised as the suite says) for the consistency figures
+    question: str | None = None
+    expected: str | None = None
+    answer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with every field (the inverse of ``from_dict``)."""

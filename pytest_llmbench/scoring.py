@@ -10,13 +10,18 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable
+from contextvars import ContextVar
+from typing import Any
 
 __all__ = [
+    "CHECKED",
     "check",
+    "display",
     "contains",
     "exact",
     "extract_choice",
     "extract_number",
+    "graded_fields",
     "normalize",
     "normalized_match",
     "numbers_match",
@@ -202,31 +207,115 @@ def shorten(text: str, max_len: int) -> str:
     return text if len(text) <= max_len else text[: max_len - 1] + "…"
 
 
+#: Where ``check`` leaves what it was given for the running test case: the plugin sets a
+#: fresh dict around each test call and reads it afterwards (for the report's per-item
+#: answers and the consistency figures). Outside a pytest-llmbench run it stays None.
+CHECKED: ContextVar[dict[str, Any] | None] = ContextVar("llmbench_checked", default=None)
+_NO_GOT: Any = object()
+
+
 def check(
-    condition: bool, *, question: str, expected: object, answer: str, max_len: int = 200
+    condition: bool,
+    *,
+    question: str,
+    expected: object,
+    answer: str,
+    got: object = _NO_GOT,
+    max_len: int = 200,
 ) -> None:
     """Fail the test with a compact report when ``condition`` is false.
 
-    The AssertionError reads::
+    ``got`` is what was compared with ``expected`` (the extracted letter or number); it
+    defaults to ``answer``. The AssertionError reads::
 
+        expected 'Paris', got 'Lyon'
         question: What is the capital of France?
-        expected: Paris
         answer:   The capital is Lyon.
 
-    Each value is put on one line (whitespace runs collapsed) and shortened to ``max_len``.
-    Non-string expected values are shown with ``repr()``.
+    so that pytest's short test summary (which shows the first line) says what went wrong.
+    Each value is put on one line (whitespace runs collapsed) and shortened to ``max_len``
+    (the first line's values to 60 characters); non-string values are shown with
+    ``repr()``, a float that is a whole number as an integer (``128``, not ``128.0``).
+
+    In a pytest-llmbench run ``check`` also records the question, the expected answer and
+    ``got`` for the case: the report shows them, and the consistency figures compare the
+    ``got`` values of a suite's samples (normalised as the suite says).
     """
     __tracebackhide__ = True
+    compared = answer if got is _NO_GOT else got
+    sink = CHECKED.get()
+    if sink is not None:
+        sink.update(question=question, expected=expected, answer=answer, got=compared)
     if condition:
         return
 
-    def one_line(value: object) -> str:
-        text = value if isinstance(value, str) else repr(value)
+    def one_line(value: object, limit: int) -> str:
+        text = value if isinstance(value, str) else display(value)
         flat = " ".join(text.split())
-        return shorten(flat, max_len) if flat else repr(text)
+        return shorten(flat, limit) if flat else repr(text)
 
+    head = min(max_len, 60)
+    if isinstance(compared, str):
+        shown = repr(shorten(" ".join(compared.split()), head) if compared.strip() else compared)
+    else:
+        shown = one_line(compared, head)
     raise AssertionError(
-        f"question: {one_line(question)}\n"
-        f"expected: {one_line(expected)}\n"
-        f"answer:   {one_line(answer)}"
+        f"expected {one_line(expected, head)}, got {shown}\n"
+        f"question: {one_line(question, max_len)}\n"
+        f"answer:   {one_line(answer, max_len)}"
+    )
+
+
+def display(value: object) -> str:
+    """``value`` as text for a report: strings as they are, whole floats as integers
+    (``128.0`` -> ``128``), None as an empty string, anything else with ``repr()``.
+
+    >>> display(128.0), display("B"), display(["A", 1])
+    ('128', 'B', "['A', 1]")
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+#: dataset fields read for the report when a test does not call ``check``
+QUESTION_FIELDS = ("question", "prompt", "input", "problem")
+EXPECTED_FIELDS = ("answer", "expected", "target", "label")
+#: the report keeps this much of a question or expected answer
+REPORT_TEXT_LEN = 2000
+
+
+def graded_fields(
+    checked: dict[str, Any] | None,
+    data: dict[str, Any] | None,
+    response: str | None,
+    normalizer: Any = None,
+) -> tuple[str | None, str | None, str | None]:
+    """(question, expected, normalised answer) of one case, for the report.
+
+    From what ``check`` recorded, else from the dataset item's usual fields and the last
+    response. The answer is ``normalizer(got)`` (the suite's ``normalize=``; default
+    :func:`normalize`); None when there is no answer or the normalizer returns None.
+    """
+    checked = checked or {}
+    data = data or {}
+
+    def first(keys: tuple[str, ...]) -> Any:
+        return next((data[k] for k in keys if data.get(k) is not None), None)
+
+    question = checked.get("question", first(QUESTION_FIELDS))
+    expected = checked.get("expected", first(EXPECTED_FIELDS))
+    got = checked["got"] if "got" in checked else response
+    answer: str | None = None
+    if got is not None:
+        value = (normalizer or normalize)(got if normalizer else display(got))
+        answer = None if value is None else display(value)
+    return (
+        None if question is None else shorten(display(question), REPORT_TEXT_LEN),
+        None if expected is None else shorten(display(expected), REPORT_TEXT_LEN),
+        None if answer is None else shorten(answer, REPORT_TEXT_LEN),
     )

@@ -289,7 +289,7 @@ def test_each_failure_is_told_once(pytester: pytest.Pytester, workers: str) -> N
     result.assert_outcomes(failed=2)
     text = output(result)
     assert "During handling of the above exception" not in text
-    assert text.count("expected: 2") == 1
+    assert text.count("expected 2, got") == 1
     assert text.count("API error:") == 1
 
 

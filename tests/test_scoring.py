@@ -180,8 +180,8 @@ def test_check_message_is_compact() -> None:
             max_len=40,
         )
     lines = str(info.value).splitlines()
-    assert lines[0] == "question: What is the capital of France?"
-    assert lines[1] == "expected: Paris"
+    assert lines[0].startswith("expected Paris, got 'It is very very")
+    assert lines[1] == "question: What is the capital of France?"
     assert lines[2].startswith("answer:   It is very very")
     assert lines[2].endswith("…") and len(lines[2]) == len("answer:   ") + 40
     assert len(lines) == 3
@@ -190,4 +190,25 @@ def test_check_message_is_compact() -> None:
 def test_check_shows_non_strings_and_empty_answers_with_repr() -> None:
     with pytest.raises(AssertionError) as info:
         check(False, question="q", expected=["A", 1], answer="")
-    assert str(info.value).splitlines()[1:] == ["expected: ['A', 1]", "answer:   ''"]
+    assert str(info.value).splitlines() == ["expected ['A', 1], got ''", "question: q", "answer:   ''"]
+
+
+def test_check_first_line_names_what_was_compared() -> None:
+    with pytest.raises(AssertionError) as info:
+        check(False, question="What is 65 + 63?", expected="128", answer="It is 256.", got=256.0)
+    assert str(info.value).splitlines()[0] == "expected 128, got 256"
+    with pytest.raises(AssertionError) as info:
+        check(False, question="q", expected="128", answer="x", got="256")
+    assert str(info.value).splitlines()[0] == "expected 128, got '256'"
+
+
+def test_check_records_what_it_was_given_for_the_report() -> None:
+    from pytest_llmbench.scoring import CHECKED
+
+    sink: dict[str, object] = {}
+    token = CHECKED.set(sink)
+    try:
+        check(True, question="q", expected="A", answer="The answer is A", got="A")
+    finally:
+        CHECKED.reset(token)
+    assert sink == {"question": "q", "expected": "A", "answer": "The answer is A", "got": "A"}
