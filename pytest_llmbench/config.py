@@ -146,6 +146,8 @@ class RunSettings:
     record_mode: str | None = None
     cassette_dir: Path | None = None
     report: Path | None = None
+    html: Path | None = None
+    baseline: Path | None = None
     gate: tuple[str, ...] = ()
     prices: Path | None = None
     sim_config: Path | None = None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .errors import FATAL_EXIT_STATUS, ConfigError
+from .outputs import html_path, load_baseline, output_path, pytest_html_section, write_outputs
 from .results import CaseResult
 from .runtime import stop_message
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from .interrupts import Interrupts
     from .pricing import PriceTable
     from .progress import PrefetchStats
-    from .results import SuiteSummary
+    from .results import BaselineRun, SuiteSummary
     from .runtime import RunState
     from .sim import Simulator
 
@@ -50,6 +51,7 @@ class RunSummary:
     report_path: Path | None
     mode: str
     extra: list[str] = field(default_factory=list)
+    compared: BaselineRun | None = None
 
 
 class Controller:
@@ -61,7 +63,15 @@ class Controller:
         self.cases: dict[str, CaseResult] = {}
         self.gates = parse_gates(state.options.gate)
         self.prices = load_prices(state.options.prices)
-        self.report_path = report_path(config, state.options.report)
+        options = state.options
+        self.report_path = output_path(config, options.report, "--llm-report")
+        self.html_path = html_path(config, options.html)
+        self.baseline = load_baseline(config, options.baseline)
+        if self.baseline is None and any(g.metric.startswith("delta") for g in self.gates):
+            raise pytest.UsageError(
+                "--llm-gate: a delta gate compares with a baseline: add --llm-baseline "
+                "REPORT (the JSON report of an earlier run)"
+            )
         self.prefetch: PrefetchStats | None = None
         self.batch: BatchStats | None = None  # what the Batch API stage did
         self.batch_lines: list[str] = []
@@ -284,14 +294,16 @@ class Controller:
         return "replay" if requests == 0 and called else "live"
 
     def finish(self, exitstatus: int, now: float) -> int | None:
-        """Summarise, judge the gates and write the report; a new exit status or None."""
-        from .report import write_report
+        """Summarise, judge the gates and write the reports; a new exit status or None."""
+        from .analysis import analyze
         from .results import summarize, totals
 
         cases = list(self.cases.values())
         if not cases and not self.gates:
             return None
         summaries = summarize(cases, self.prices)
+        base_cases = None if self.baseline is None else list(self.baseline.cases)
+        compared = analyze(summaries, cases, base_cases)
         total = totals(summaries)
         if self.state.llm_config.batch.enabled:
             from .batch import BatchStats, summary_lines
@@ -308,13 +320,14 @@ class Controller:
             new_status = 0 if all(r.passed for r in results) else 1
         final_status = exitstatus if new_status is None else new_status
         mode = self.run_mode(total.requests)
-        if self.report_path is not None:
+        if self.report_path is not None or self.html_path is not None:
             report = self.report(cases, summaries, total, results, mode, final_status, now)
-            try:
-                write_report(self.report_path, report)
-            except ConfigError as exc:
-                raise pytest.UsageError(str(exc)) from None
-        self.summary = RunSummary(summaries, total, results, self.report_path, mode)
+            if self.baseline is not None:
+                report["baseline"] = {**self.baseline.describe(), **_to_dict(compared)}
+            write_outputs(report, self.report_path, self.html_path)
+        self.summary = RunSummary(
+            summaries, total, results, self.report_path, mode, compared=compared
+        )
         return new_status
 
     def report(
@@ -363,12 +376,14 @@ class Controller:
 
     def print_summary(self, tr: pytest.TerminalReporter) -> None:
         """The one place the run's figures are formatted for the terminal."""
-        from .results import format_summary
+        from .results import format_analysis, format_summary
 
         summary = self.summary
         assert summary is not None
         tr.write_sep("=", f"llmbench summary ({summary.mode}, model {self.state.llm_config.model})")
         for line in format_summary(summary.summaries, summary.total):
+            tr.write_line(line)
+        for line in format_analysis(summary.summaries, summary.total, summary.compared):
             tr.write_line(line)
         tr.write_line(origin_line(self.state, summary.total))
         for line in self.notes():
@@ -382,7 +397,27 @@ class Controller:
             tr.write_line(f"llmbench gates: {verdict}; gates decide the exit status")
         if summary.report_path is not None:
             tr.write_line(f"llmbench report: {summary.report_path}")
+        if self.html_path is not None:
+            tr.write_line(f"llmbench HTML report: {self.html_path}")
         sys.stdout.flush()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_html_results_summary(
+        self, prefix: list[str], summary: list[str], postfix: list[str], session: Any
+    ) -> None:
+        """pytest-html's report gets the llmbench summary (its hook; only with that plugin)."""
+        from .results import format_analysis, format_summary
+
+        if self.summary is None:
+            return
+        s = self.summary
+        lines = [
+            *format_summary(s.summaries, s.total),
+            *format_analysis(s.summaries, s.total, s.compared),
+        ]
+        lines.append(origin_line(self.state, s.total))
+        lines += [g.message for g in s.gates]
+        prefix.append(pytest_html_section(lines))
 
 
 class XdistController:
@@ -442,6 +477,10 @@ def origin_line(state: RunState, total: SuiteSummary) -> str:
     return line
 
 
+def _to_dict(obj: Any) -> dict[str, Any]:
+    return {} if obj is None else dict(obj.to_dict())
+
+
 def _workers(config: pytest.Config) -> int:
     n = getattr(config.option, "numprocesses", None)
     try:
@@ -478,18 +517,6 @@ def load_prices(path: Path | None) -> PriceTable:
         return PriceTable.load(Path(path)) if path is not None else PriceTable()
     except ConfigError as exc:
         raise pytest.UsageError(f"--llm-prices: {exc}") from None
-
-
-def report_path(config: pytest.Config, given: Path | None) -> Path | None:
-    """Where the report goes; its directory must exist now, not after a paid run."""
-    if given is None:
-        return None
-    path = config.invocation_params.dir / Path(given)
-    if path.is_dir():
-        raise pytest.UsageError(f"--llm-report: {given} is a directory; name a file")
-    if not path.parent.is_dir():
-        raise pytest.UsageError(f"--llm-report: directory {path.parent} does not exist")
-    return path
 
 
 def check_budget(state: RunState) -> None:

@@ -39,17 +39,90 @@ _Getter = Callable[[SuiteSummary], "float | None"]
 @dataclass(frozen=True)
 class _Metric:
     get: _Getter
-    kind: str  # "fraction", "count", "usd" or "seconds": how values parse and print
+    kind: str  # "fraction", "delta", "count", "usd" or "seconds": how values parse and print
     doc: str
+    ci: Callable[[SuiteSummary], tuple[float | None, float | None]] | None = None
+    n: Callable[[SuiteSummary], int] | None = None  # what the value is measured over
+
+
+def _base(s: SuiteSummary, name: str) -> float | None:
+    b = s.baseline
+    return None if b is None else getattr(b, name)
+
+
+def _cons(s: SuiteSummary, name: str) -> float | None:
+    c = s.consistency
+    return None if c is None else getattr(c, name)
+
+
+def _base_ci(s: SuiteSummary) -> tuple[float | None, float | None]:
+    return _base(s, "delta_ci_low"), _base(s, "delta_ci_high")
+
+
+def _base_items(s: SuiteSummary) -> int:
+    return 0 if s.baseline is None else s.baseline.items
+
+
+def _cons_items(s: SuiteSummary) -> int:
+    return 0 if s.consistency is None else s.consistency.items
+
+
+def _accuracy_ci(s: SuiteSummary) -> tuple[float | None, float | None]:
+    return s.ci_low, s.ci_high
 
 
 #: Metric name -> how it is read from a summary.
 METRICS: Mapping[str, _Metric] = {
-    "accuracy": _Metric(lambda s: s.accuracy, "fraction", "passed / (passed + failed + errors)"),
+    "accuracy": _Metric(
+        lambda s: s.accuracy,
+        "fraction",
+        "passed / (passed + failed + errors)",
+        _accuracy_ci,
+        lambda s: s.graded,
+    ),
     "ci_low": _Metric(
         lambda s: s.ci_low,
         "fraction",
         "lower bound of accuracy's 95% Wilson interval (the strict gate)",
+        _accuracy_ci,
+        lambda s: s.graded,
+    ),
+    "delta": _Metric(
+        lambda s: _base(s, "delta"),
+        "delta",
+        "accuracy minus the baseline's (`--llm-baseline`), paired on the items both runs "
+        "share; negative is a drop",
+        _base_ci,
+        _base_items,
+    ),
+    "delta_ci_low": _Metric(
+        lambda s: _base(s, "delta_ci_low"),
+        "delta",
+        "lower bound of that difference's 95% interval: `delta_ci_low>=-0.02` fails only a "
+        "drop beyond noise",
+        _base_ci,
+        _base_items,
+    ),
+    "delta_ci_high": _Metric(
+        lambda s: _base(s, "delta_ci_high"),
+        "delta",
+        "upper bound of that interval: `delta_ci_high<0` fails unless the drop is certain",
+        _base_ci,
+        _base_items,
+    ),
+    "maj_accuracy": _Metric(
+        lambda s: _cons(s, "maj_accuracy"),
+        "fraction",
+        "with `samples=K`: accuracy of the majority answer per item (maj@K)",
+        lambda s: (_cons(s, "maj_ci_low"), _cons(s, "maj_ci_high")),
+        _cons_items,
+    ),
+    "agreement": _Metric(
+        lambda s: _cons(s, "agreement"),
+        "fraction",
+        "with `samples=K`: mean share of an item's samples giving its most common answer",
+        lambda s: (_cons(s, "agreement_ci_low"), _cons(s, "agreement_ci_high")),
+        _cons_items,
     ),
     "passed": _Metric(lambda s: s.passed, "count", "cases passed"),
     "failed": _Metric(lambda s: s.failed, "count", "cases failed (wrong answers)"),
@@ -203,16 +276,23 @@ def _parse_value(where: str, metric: str, text: str) -> float:
     if not number or not math.isfinite(value):
         example = "0.7 or 70%" if kind == "fraction" else "a number such as 10 or 1.5"
         raise ConfigError(f"{where}: value {text!r} is not a number; expected {example}")
-    if percent and kind != "fraction":
+    if percent and kind not in ("fraction", "delta"):
         raise ConfigError(
-            f"{where}: a percentage is only allowed for accuracy and ci_low; "
-            f"give {metric} as a number"
+            f"{where}: a percentage is only allowed for fractions and differences "
+            f"(accuracy, ci_low, delta, ...); give {metric} as a number"
         )
     if percent:
         value /= 100
     if kind == "fraction" and not 0 <= value <= 1:
         # accuracy>=70 is surely meant as 70%, and would fail every run
         raise ConfigError(f"{where}: {metric} is a fraction in [0, 1]; write e.g. 0.7 or 70%")
+    if kind == "delta":
+        if not -1 <= value <= 1:
+            raise ConfigError(
+                f"{where}: {metric} is a difference of fractions in [-1, 1]; "
+                "write e.g. -0.02 or -2%"
+            )
+        return value
     if value < 0:
         raise ConfigError(f"{where}: {metric} cannot be negative")
     return value
@@ -252,10 +332,12 @@ def evaluate(gates: Sequence[Gate], summaries: Sequence[SuiteSummary]) -> list[G
 def _judge(gate: Gate, row: SuiteSummary, label: str) -> GateResult:
     metric = METRICS[gate.metric]
     value = metric.get(row)
-    fraction = metric.kind == "fraction"
-    ci = (row.ci_low, row.ci_high) if fraction else None
+    ci = metric.ci(row) if metric.ci is not None else None
     ci_pair = None if ci is None or ci[0] is None or ci[1] is None else (ci[0], ci[1])
-    n = row.graded if fraction else row.cases
+    n = metric.n(row) if metric.n is not None else row.cases
+    what = {"delta": "shared item", "maj_accuracy": "item", "agreement": "item"}.get(
+        gate.metric.removesuffix("_ci_low").removesuffix("_ci_high"), "case"
+    )
     head = gate.text if label == gate.suite else f"{gate.text} ({label})"
     if value is None:
         why = _why_missing(gate.metric, row)
@@ -264,15 +346,21 @@ def _judge(gate: Gate, row: SuiteSummary, label: str) -> GateResult:
     ok = gate.holds(value)
     measured = f"measured {_format_value(metric.kind, value)}"
     if ci_pair is not None:
-        measured += f" (95% CI {format_ci(*ci_pair)})"
-    measured += f" over {n} case{'s' if n != 1 else ''}"
-    if fraction and row.skipped:
+        measured += f" (95% CI {_format_ci(metric.kind, ci_pair)})"
+    measured += f" over {n} {what}{'s' if n != 1 else ''}"
+    if metric.kind == "fraction" and row.skipped:
         measured += f" ({row.skipped} skipped)"
     verdict = "PASS" if ok else "FAIL"
     return GateResult(gate, value, ci_pair, ok, f"{verdict} {head} — {measured}", label, n)
 
 
 def _why_missing(metric: str, row: SuiteSummary) -> str:
+    if metric.startswith("delta"):
+        if row.baseline is None:
+            return "the baseline has no results for this suite and temperature"
+        return f"no graded item shared with the baseline ({len(row.baseline.new_items)} new)"
+    if metric in ("maj_accuracy", "agreement"):
+        return "no item with several graded samples (samples=K in the suite's marker)"
     if metric in ("accuracy", "ci_low"):
         return f"no graded cases ({row.cases} case(s), {row.skipped} skipped)"
     if metric == "cost":
@@ -297,7 +385,15 @@ def _temp(t: float | None) -> str:
     return "none" if t is None else f"{t:g}"
 
 
+def _format_ci(kind: str, ci: tuple[float, float]) -> str:
+    if kind == "delta":
+        return f"{ci[0]:+.3f} to {ci[1]:+.3f}"
+    return format_ci(*ci)
+
+
 def _format_value(kind: str, value: float) -> str:
+    if kind == "delta":
+        return f"{value:+.3f}"
     if kind == "fraction":
         return f"{value:.3f}"
     if kind == "usd":

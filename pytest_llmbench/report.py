@@ -76,6 +76,11 @@ def build_report(
     totals = total.to_dict()
     for key in ("suite", "module", "temperature"):
         del totals[key]
+    if totals.get("baseline"):
+        # the per-item lists are in suites[]; pooled here they would only repeat them
+        totals["baseline"] = {
+            k: v for k, v in totals["baseline"].items() if not isinstance(v, list)
+        }
     return {
         "schema": REPORT_SCHEMA,
         "version": REPORT_SCHEMA_VERSION,
@@ -185,6 +190,12 @@ _TOP = (
         "one object per gate and matched suite, in the order given; empty without gates",
     ),
     _f("cases", "array", "one object per test case, sorted by node id"),
+    _f(
+        "baseline",
+        "object|null",
+        "with `--llm-baseline` only: the earlier report compared with (below)",
+        required=False,
+    ),
 )
 
 _RUN = (
@@ -273,6 +284,115 @@ _SUITE = (
     _f("module", "string", "the test file, relative to rootdir"),
     _f("temperature", "number|null", "the temperature; `null` for a suite without temperatures"),
     *_FIGURES,
+    _f(
+        "consistency",
+        "object|null",
+        "across an item's samples (`samples=K`), below; `null` with one sample per item",
+        required=False,
+    ),
+    _f(
+        "flips",
+        "object|null",
+        "items that changed from the suite's lowest temperature to this one, below; `null` "
+        "at the lowest temperature",
+        required=False,
+    ),
+    _f(
+        "baseline",
+        "object|null",
+        "against `--llm-baseline`, paired item by item, below; `null` without a baseline "
+        "or when it has no row for this suite and temperature",
+        required=False,
+    ),
+)
+
+_CONSISTENCY = (
+    _f("samples", "integer", "K: the most graded samples an item has"),
+    _f("items", "integer", "items with at least one graded sample"),
+    _f(
+        "maj_accuracy",
+        "number|null",
+        "maj@K: share of items whose most common answer is right (ties: the answer that "
+        "came first); `maj_ci_low`/`maj_ci_high` its 95% Wilson interval over items",
+    ),
+    _f(
+        "pass_at_k",
+        "object",
+        'pass@k for k = 1..K (keys `"1"`..`"K"`), the unbiased estimator '
+        "1 - C(n-c, k)/C(n, k) per item (n samples, c right), averaged over items",
+    ),
+    _f(
+        "agreement",
+        "number|null",
+        "mean over items of the share of samples giving the item's most common normalised "
+        "answer (1 = always the same); `agreement_ci_low`/`_high` a normal 95% interval",
+    ),
+    _f(
+        "entropy",
+        "number|null",
+        "mean Shannon entropy of an item's answers in bits (0 = always the same); "
+        "`entropy_ci_low`/`_high` likewise",
+    ),
+    _f("inconsistent_items", "array", "ids of items whose samples do not all agree"),
+)
+
+_FLIPS = (
+    _f("against", "number", "the suite's lowest temperature, the reference"),
+    _f("items", "integer", "items graded at both temperatures"),
+    _f(
+        "right_to_wrong",
+        "integer",
+        "items right at the lowest temperature and wrong here (with samples: by majority vote)",
+    ),
+    _f("wrong_to_right", "integer", "the reverse"),
+    _f(
+        "mcnemar_p",
+        "number",
+        "two-sided exact McNemar p-value of the two counts (binomial, p = 1/2); small means "
+        "the change in accuracy is more than chance",
+    ),
+    _f("right_to_wrong_items", "array", "their ids"),
+    _f("wrong_to_right_items", "array", "their ids"),
+)
+
+_BASELINE_ROW = (
+    _f("items", "integer", "items both runs graded (paired by module, suite, temperature, id)"),
+    _f("accuracy", "number|null", "this run's accuracy on those items (mean per-item score)"),
+    _f(
+        "baseline_accuracy",
+        "number|null",
+        "the baseline's on the same items; `baseline_ci_low`/`_high` its Wilson interval",
+    ),
+    _f(
+        "delta",
+        "number|null",
+        "accuracy - baseline_accuracy, paired; `delta_ci_low`/`delta_ci_high` its 95% "
+        "interval (Agresti-Min adjusted Wald when each item has one sample, else a normal "
+        "interval of the per-item differences)",
+    ),
+    _f("right_to_wrong_items", "array", "ids of items whose score went down"),
+    _f("wrong_to_right_items", "array", "ids of items whose score went up"),
+    _f("new_items", "array", "ids of items only this run has"),
+    _f("missing_items", "array", "ids of items only the baseline has"),
+)
+
+_BASELINE = (
+    _f("path", "string", "the baseline report's path as given"),
+    _f("model", "string|null", "its model"),
+    _f("mode", "string|null", "its mode"),
+    _f("started_at", "string|null", "when it started"),
+    _f(
+        "shared_items",
+        "integer",
+        "item x temperature pairs both runs graded",
+    ),
+    _f("new_items", "integer", "item x temperature pairs only this run graded"),
+    _f("missing_items", "integer", "item x temperature pairs only the baseline graded"),
+    _f(
+        "missing_suites",
+        "array",
+        "suite x temperature rows of the baseline this run does not have (`module::suite@T`)",
+    ),
 )
 
 _GATE = (
@@ -283,7 +403,8 @@ _GATE = (
         "metric",
         "string",
         "`accuracy`, `ci_low`, `passed`, `failed`, `errors`, `cases`, `cost`, `tokens`, "
-        "`p95_latency` or `rate_limited`",
+        "`p95_latency`, `rate_limited`, `maj_accuracy`, `agreement`, `delta`, "
+        "`delta_ci_low` or `delta_ci_high`",
     ),
     _f(
         "op",
@@ -293,9 +414,18 @@ _GATE = (
     ),
     _f("threshold", "number", "the bound (a percentage is stored as a fraction)"),
     _f("value", "number|null", "the measured value; `null` when it could not be measured"),
-    _f("ci_low", "number|null", "accuracy's 95% interval, for `accuracy` and `ci_low` gates"),
+    _f(
+        "ci_low",
+        "number|null",
+        "the measured figure's 95% interval, for accuracy, consistency and delta gates",
+    ),
     _f("ci_high", "number|null", "its upper bound"),
-    _f("cases", "integer", "cases the value is over (graded cases for accuracy gates)"),
+    _f(
+        "cases",
+        "integer",
+        "what the value is over: graded cases for accuracy gates, items for consistency "
+        "gates, shared items for delta gates, else cases",
+    ),
     _f("passed", "boolean", "whether the gate holds"),
     _f("message", "string", "the line printed in the terminal summary"),
 )
@@ -327,6 +457,25 @@ _CASE = (
     _f("model", "string|null", "the model that answered, as the API named it"),
     _f("duration_s", "number", "pytest's duration of the test call, seconds"),
     _f("batch", "boolean", "answered through the Batch API (priced at half)"),
+    _f(
+        "question",
+        "string|null",
+        "the question (given to `check`, else the item's `question`/`prompt`/`input` field)",
+        required=False,
+    ),
+    _f(
+        "expected",
+        "string|null",
+        "the expected answer (given to `check`, else the item's `answer`/`expected` field)",
+        required=False,
+    ),
+    _f(
+        "answer",
+        "string|null",
+        "what was compared (`check`'s `got`, else the response), normalised as the suite "
+        "says (`normalize=`): the value the consistency figures compare",
+        required=False,
+    ),
 )
 
 # (title, path prefix in problem messages, fields, whether the path is a list of objects,
@@ -346,6 +495,11 @@ _SECTIONS: tuple[tuple[str, str, tuple[_Field, ...], bool, str | None], ...] = (
     ),
     ("`gates[]`", "gates", _GATE, True, None),
     ("`cases[]`", "cases", _CASE, True, None),
+    ("`baseline`", "baseline", _BASELINE, False, None),
+    # nested in suites[]: documented, not checked (readers must accept null)
+    ("`suites[].consistency`", "-", _CONSISTENCY, False, None),
+    ("`suites[].flips`", "-", _FLIPS, False, None),
+    ("`suites[].baseline`", "-", _BASELINE_ROW, False, None),
 )
 
 
@@ -388,6 +542,8 @@ def validate_report(report: Any) -> list[str]:
             problems += _check_object(report, flds, "")
             continue
         value = report.get(prefix)
+        if prefix == "-":
+            continue
         if is_list and isinstance(value, list):
             for i, item in enumerate(value):
                 where = f"{prefix}[{i}]"

@@ -21,16 +21,23 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .pricing import PriceTable
+from .stats import paired_difference
 
 __all__ = [
     "OUTCOMES",
+    "BaselineDelta",
+    "BaselineRun",
     "CaseResult",
+    "Consistency",
+    "Flips",
     "SuiteSummary",
+    "format_analysis",
     "format_ci",
     "format_cost",
     "format_summary",
     "percentile",
     "pool",
+    "pool_baseline",
     "summarize",
     "totals",
     "wilson",
@@ -163,6 +170,190 @@ def percentile(values: Iterable[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
+# ---------------------------------------------------------------------- analysis figures
+@dataclass(frozen=True)
+class Consistency:
+    """How an item's samples agree (``samples=K``), over the items of one row.
+
+    ``samples`` is K, the most graded samples an item has; ``items`` the items with at
+    least one graded sample. ``maj_accuracy`` (maj@K) is the share of items whose
+    majority answer is right, ``maj_ci_low``/``maj_ci_high`` its Wilson interval over
+    items. ``pass_at_k[k]`` is the mean over items (with at least k samples) of the
+    unbiased pass@k. ``agreement`` is the mean share of an item's samples giving its most
+    common answer, ``entropy`` the mean Shannon entropy of its answers in bits, each with
+    a normal 95% interval. ``inconsistent_items``: items whose samples do not all agree.
+    """
+
+    samples: int
+    items: int
+    maj_accuracy: float | None
+    maj_ci_low: float | None
+    maj_ci_high: float | None
+    pass_at_k: Mapping[int, float]
+    agreement: float | None
+    agreement_ci_low: float | None
+    agreement_ci_high: float | None
+    entropy: float | None
+    entropy_ci_low: float | None
+    entropy_ci_high: float | None
+    inconsistent_items: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; ``pass_at_k`` keyed by ``"1"``..``"K"``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["pass_at_k"] = {str(k): v for k, v in sorted(self.pass_at_k.items())}
+        out["inconsistent_items"] = list(self.inconsistent_items)
+        return out
+
+
+@dataclass(frozen=True)
+class Flips:
+    """Items whose verdict changed from the suite's lowest temperature (``against``).
+
+    On the ``items`` graded at both temperatures (an item is right when its majority
+    vote is, with one sample when it passed): ``right_to_wrong`` were right at the
+    lowest temperature and are wrong here, ``wrong_to_right`` the reverse;
+    ``mcnemar_p`` is the two-sided exact McNemar p-value of those two counts.
+    """
+
+    against: float
+    items: int
+    right_to_wrong: int
+    wrong_to_right: int
+    mcnemar_p: float
+    right_to_wrong_items: tuple[str, ...] = ()
+    wrong_to_right_items: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["right_to_wrong_items"] = list(self.right_to_wrong_items)
+        out["wrong_to_right_items"] = list(self.wrong_to_right_items)
+        return out
+
+
+@dataclass(frozen=True)
+class BaselineDelta:
+    """A row compared with the baseline's row, item by item.
+
+    An item's score is the share of its graded samples that passed. On the ``items``
+    both runs graded: ``accuracy`` and ``baseline_accuracy`` are the mean scores (None
+    when no item is shared), ``baseline_ci_low``/``_high`` the Wilson interval of the
+    baseline's graded cases of those items, ``delta`` = accuracy - baseline_accuracy
+    with its paired 95% interval (``stats.paired_difference``). Item lists: score down
+    (``right_to_wrong_items``), up (``wrong_to_right_items``), only in this run
+    (``new_items``), only in the baseline (``missing_items``).
+
+    ``pairs`` (this run's score, the baseline's) and the baseline's case counts are kept,
+    outside the report, so that ``pool`` recomputes the delta over several rows.
+    """
+
+    items: int
+    accuracy: float | None
+    baseline_accuracy: float | None
+    baseline_ci_low: float | None
+    baseline_ci_high: float | None
+    delta: float | None
+    delta_ci_low: float | None
+    delta_ci_high: float | None
+    right_to_wrong_items: tuple[str, ...] = ()
+    wrong_to_right_items: tuple[str, ...] = ()
+    new_items: tuple[str, ...] = ()
+    missing_items: tuple[str, ...] = ()
+    pairs: tuple[tuple[float, float], ...] = field(default=(), repr=False, compare=False)
+    baseline_passed: int = field(default=0, repr=False, compare=False)
+    baseline_graded: int = field(default=0, repr=False, compare=False)
+
+    @classmethod
+    def build(
+        cls,
+        pairs: Sequence[tuple[float, float]],
+        baseline_passed: int,
+        baseline_graded: int,
+        *,
+        right_to_wrong_items: Iterable[str] = (),
+        wrong_to_right_items: Iterable[str] = (),
+        new_items: Iterable[str] = (),
+        missing_items: Iterable[str] = (),
+    ) -> BaselineDelta:
+        """The figures from the paired scores and the baseline's passed/graded cases."""
+        delta = paired_difference(pairs)
+        n = len(pairs)
+        low, high = wilson(baseline_passed, baseline_graded) if n else (None, None)
+        return cls(
+            items=n,
+            accuracy=math.fsum(p[0] for p in pairs) / n if n else None,
+            baseline_accuracy=math.fsum(p[1] for p in pairs) / n if n else None,
+            baseline_ci_low=low,
+            baseline_ci_high=high,
+            delta=delta.value,
+            delta_ci_low=delta.low,
+            delta_ci_high=delta.high,
+            right_to_wrong_items=tuple(sorted(right_to_wrong_items)),
+            wrong_to_right_items=tuple(sorted(wrong_to_right_items)),
+            new_items=tuple(sorted(new_items)),
+            missing_items=tuple(sorted(missing_items)),
+            pairs=tuple(pairs),
+            baseline_passed=baseline_passed,
+            baseline_graded=baseline_graded,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the public figures (without the pairs and counts)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _HIDDEN}
+        for name in _ITEM_LISTS:
+            out[name] = list(out[name])
+        return out
+
+
+_HIDDEN = ("pairs", "baseline_passed", "baseline_graded")
+_ITEM_LISTS = ("right_to_wrong_items", "wrong_to_right_items", "new_items", "missing_items")
+
+
+@dataclass(frozen=True)
+class BaselineRun:
+    """The whole run against the baseline: item x temperature pairs and missing rows.
+
+    ``shared_items`` were graded by both runs, ``new_items`` only by this one (rows the
+    baseline lacks included), ``missing_items`` only by the baseline (rows this run
+    lacks included); ``missing_suites`` labels (``module::suite@T``) the baseline's rows
+    this run does not have.
+    """
+
+    shared_items: int = 0
+    new_items: int = 0
+    missing_items: int = 0
+    missing_suites: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts for the report's top-level ``baseline`` section."""
+        return {
+            "shared_items": self.shared_items,
+            "new_items": self.new_items,
+            "missing_items": self.missing_items,
+            "missing_suites": list(self.missing_suites),
+        }
+
+
+def pool_baseline(rows: Sequence[SuiteSummary]) -> BaselineDelta | None:
+    """The rows' baseline comparisons as one, the delta recomputed on all their pairs.
+
+    Rows without a baseline comparison are left out; None when no row has one.
+    """
+    parts = [r.baseline for r in rows if r.baseline is not None]
+    if not parts:
+        return None
+    return BaselineDelta.build(
+        [p for b in parts for p in b.pairs],
+        sum(b.baseline_passed for b in parts),
+        sum(b.baseline_graded for b in parts),
+        right_to_wrong_items=[i for b in parts for i in b.right_to_wrong_items],
+        wrong_to_right_items=[i for b in parts for i in b.wrong_to_right_items],
+        new_items=[i for b in parts for i in b.new_items],
+        missing_items=[i for b in parts for i in b.missing_items],
+    )
+
+
 # ---------------------------------------------------------------------- summaries
 @dataclass
 class SuiteSummary:
@@ -173,6 +364,9 @@ class SuiteSummary:
     cases that made at least one call (None when none did). ``cost_usd`` is None when
     some case used a model without a known price (listed in ``unpriced_models``); it
     counts replayed answers too, since it estimates what the answers cost to fetch.
+
+    ``consistency``, ``flips`` and ``baseline`` are filled by ``analysis.analyze`` (None
+    until then, and when they do not apply); a pooled row has only ``baseline``.
     """
 
     suite: str
@@ -197,6 +391,9 @@ class SuiteSummary:
     cached: int = 0
     cost_usd: float | None = 0.0
     unpriced_models: tuple[str, ...] = ()
+    consistency: Consistency | None = None
+    flips: Flips | None = None
+    baseline: BaselineDelta | None = None
     # kept so that pooling rows (gates over temperatures, the total) gives exact
     # percentiles rather than an average of percentiles; not part of the report
     latencies: tuple[float, ...] = field(default=(), repr=False, compare=False)
@@ -210,6 +407,9 @@ class SuiteSummary:
         """A JSON-ready dict of the public figures (without the raw latencies)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latencies"}
         out["unpriced_models"] = list(self.unpriced_models)
+        out["consistency"] = None if self.consistency is None else self.consistency.to_dict()
+        out["flips"] = None if self.flips is None else self.flips.to_dict()
+        out["baseline"] = None if self.baseline is None else self.baseline.to_dict()
         return out
 
 
@@ -297,7 +497,9 @@ def pool(
     """Several rows as one: counts summed, then accuracy and percentiles recomputed.
 
     Pooled accuracy is sum(passed) / sum(graded), not a mean of accuracies, so a
-    temperature with more cases weighs more.
+    temperature with more cases weighs more. The baseline comparison is pooled likewise
+    (``pool_baseline``: the delta over all the rows' item pairs); consistency and flips
+    belong to one temperature and are None in a pool.
     """
     unpriced = sorted({m for r in rows for m in r.unpriced_models})
     return _finish(
@@ -319,6 +521,7 @@ def pool(
             cached=sum(r.cached for r in rows),
             cost_usd=None if unpriced else sum(r.cost_usd or 0.0 for r in rows),
             unpriced_models=tuple(unpriced),
+            baseline=pool_baseline(rows),
             latencies=tuple(x for r in rows for x in r.latencies),
         )
     )
@@ -374,6 +577,145 @@ def format_summary(summaries: Sequence[SuiteSummary], total: SuiteSummary) -> li
             lines.append("-" * len(lines[0]))
         lines.append(_line([_shorten(row[0], widths[0]), *row[1:]], widths))
     return lines
+
+
+# ---------------------------------------------------------------------- analysis lines
+_INDENT = "    "  # continuation lines of a wrapped analysis line
+_MAX_NAMES = 6  # suites named in a line before "and N more"
+
+
+def format_analysis(
+    summaries: Sequence[SuiteSummary],
+    total: SuiteSummary,
+    baseline: BaselineRun | None = None,
+) -> list[str]:
+    """The lines under the table on samples, temperatures and the baseline; often none.
+
+    One line per row with consistency figures (``samples=K``), per row with flips since
+    the suite's lowest temperature, per row compared with the baseline (and the pooled
+    total when several rows were), then what could not be compared: new and missing
+    items, rows the baseline lacks and (given ``baseline``, the run-level comparison)
+    the baseline's rows this run lacks. A line longer than about 120 columns wraps.
+    """
+    labels = [
+        label if s.temperature is None else f"{label}@{s.temperature:g}"
+        for label, s in zip(_labels(summaries), summaries, strict=True)
+    ]
+    rows = list(zip(labels, summaries, strict=True))
+    parts: list[list[str]] = []
+    parts += [_consistency_parts(lb, s.consistency) for lb, s in rows if s.consistency]
+    parts += [_flips_parts(lb, s.flips) for lb, s in rows if s.flips and s.flips.items]
+    compared = [(lb, s.baseline) for lb, s in rows if s.baseline is not None]
+    parts += [_baseline_parts(lb, b) for lb, b in compared]
+    if len(compared) > 1 and total.baseline is not None and total.baseline.items:
+        parts.append(_baseline_parts("TOTAL", total.baseline))
+    if compared or baseline is not None:
+        parts += _uncompared(rows, baseline)
+    return [line for p in parts for line in _wrap(p)]
+
+
+def _consistency_parts(label: str, c: Consistency) -> list[str]:
+    k = c.samples
+    parts = [f"llmbench consistency: {label}:"]
+    maj = f"maj@{k} {_pct(c.maj_accuracy)}"
+    if c.maj_ci_low is not None and c.maj_ci_high is not None:
+        maj += f" [{c.maj_ci_low * 100:.1f}-{c.maj_ci_high * 100:.1f}]"
+    parts.append(maj + ",")
+    parts += [f"pass@{j} {_pct(c.pass_at_k.get(j))}," for j in sorted({1, k})]
+    parts.append(f"agreement {_fixed(c.agreement)},")
+    parts.append(f"entropy {_fixed(c.entropy)} bits,")
+    parts.append(f"{len(c.inconsistent_items)} of {c.items} items inconsistent")
+    return parts
+
+
+def _flips_parts(label: str, f: Flips) -> list[str]:
+    p = f"={f.mcnemar_p:.3f}" if f.mcnemar_p >= 0.001 else "<0.001"
+    return [
+        f"llmbench flips vs T={f.against:g}:",
+        f"{label}:",
+        f"{f.right_to_wrong} right->wrong,",
+        f"{f.wrong_to_right} wrong->right of {f.items}",
+        f"(McNemar p{p})",
+    ]
+
+
+def _baseline_parts(label: str, b: BaselineDelta) -> list[str]:
+    head = ["llmbench vs baseline:", f"{label}:"]
+    if not b.items or b.delta is None or b.delta_ci_low is None or b.delta_ci_high is None:
+        return [
+            *head,
+            "no shared items",
+            f"({len(b.new_items)} new,",
+            f"{len(b.missing_items)} missing)",
+        ]
+    return [
+        *head,
+        f"{_pct(b.baseline_accuracy)} -> {_pct(b.accuracy)}",
+        f"(delta {b.delta * 100:+.1f} pts",
+        f"[{b.delta_ci_low * 100:+.1f}, {b.delta_ci_high * 100:+.1f}],",
+        f"{b.items} shared item{'s' if b.items != 1 else ''};",
+        *_changes(b),
+    ]
+
+
+def _changes(b: BaselineDelta) -> list[str]:
+    down, up = len(b.right_to_wrong_items), len(b.wrong_to_right_items)
+    if all(x in (0.0, 1.0) for pair in b.pairs for x in pair):
+        return [f"{down} right->wrong,", f"{up} wrong->right)"]
+    # with samples an item's score is a share: it went down or up, not right or wrong
+    return [f"{down} scored lower,", f"{up} higher)"]
+
+
+def _uncompared(
+    rows: Sequence[tuple[str, SuiteSummary]], baseline: BaselineRun | None
+) -> list[list[str]]:
+    head = "llmbench vs baseline:"
+    if baseline is not None:
+        new, missing = baseline.new_items, baseline.missing_items
+    else:
+        new = sum(len(s.baseline.new_items) for _, s in rows if s.baseline is not None)
+        missing = sum(len(s.baseline.missing_items) for _, s in rows if s.baseline is not None)
+    out = []
+    if new or missing:
+        out.append(
+            [
+                head,
+                f"{new} new items (not in the baseline),",
+                f"{missing} missing (not in this run)",
+            ]
+        )
+    absent = [label for label, s in rows if s.baseline is None]
+    if absent:
+        out.append([head, "not in the baseline:", *_names(absent)])
+    if baseline is not None and baseline.missing_suites:
+        out.append([head, "not in this run:", *_names(baseline.missing_suites)])
+    return out
+
+
+def _names(names: Sequence[str]) -> list[str]:
+    shown = [f"{n}," for n in names[:_MAX_NAMES]]
+    shown[-1] = shown[-1].rstrip(",")
+    more = len(names) - _MAX_NAMES
+    return shown + (["and", f"{more} more"] if more > 0 else [])
+
+
+def _wrap(parts: Sequence[str]) -> list[str]:
+    """The parts joined by spaces, a new (indented) line where one would pass the width."""
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + 1 + len(part) > TABLE_WIDTH:
+            lines.append(_INDENT + part)
+        else:
+            lines[-1] += " " + part
+    return lines
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def _fixed(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _labels(summaries: Sequence[SuiteSummary]) -> list[str]:

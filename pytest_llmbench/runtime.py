@@ -40,6 +40,8 @@ MISSING_KEY = (
 PATH_OPTIONS = (
     "--llm-run-dir",
     "--llm-report",
+    "--llm-html",
+    "--llm-baseline",
     "--llm-prices",
     "--llm-sim-config",
     "--llm-cassette-dir",

@@ -16,8 +16,8 @@ from typing import Any
 __all__ = [
     "CHECKED",
     "check",
-    "display",
     "contains",
+    "display",
     "exact",
     "extract_choice",
     "extract_number",
@@ -309,7 +309,7 @@ def graded_fields(
 
     question = checked.get("question", first(QUESTION_FIELDS))
     expected = checked.get("expected", first(EXPECTED_FIELDS))
-    got = checked["got"] if "got" in checked else response
+    got = checked.get("got", response)
     answer: str | None = None
     if got is not None:
         value = (normalizer or normalize)(got if normalizer else display(got))

@@ -114,7 +114,7 @@ def test_parse_gate(
         ("test_x:accuracy=>0.7", r"unknown operator '=>'; allowed: >=, >, <=, <, ==, !="),
         ("test_x:accuracy=0.7", r"unknown operator '='"),
         ("test_x accuracy>=0.7", r"missing ':METRIC'"),
-        ("test_x:acc>=0.7", r"unknown metric 'acc'; metrics: accuracy, ci_low, passed"),
+        ("test_x:acc>=0.7", r"unknown metric 'acc'; metrics: accuracy, ci_low, delta"),
         ("test_x:>=0.7", r"missing metric; metrics: accuracy"),
         (":accuracy>=0.7", r"empty suite; name a test function, path::name or a glob"),
         ("@0.5:accuracy>=0.7", r"empty suite"),
@@ -124,7 +124,8 @@ def test_parse_gate(
         ("test_x:cost<=inf", r"value 'inf' is not a number; expected a number such as"),
         ("test_x:accuracy>=70", r"accuracy is a fraction in \[0, 1\]; write e.g. 0.7 or 70%"),
         ("test_x:accuracy>=120%", r"accuracy is a fraction in \[0, 1\]"),
-        ("test_x:errors<=5%", r"a percentage is only allowed for accuracy and ci_low"),
+        ("test_x:errors<=5%", r"a percentage is only allowed for fractions and differences"),
+        ("test_x:delta>=-120%", r"delta is a difference of fractions in \[-1, 1\]"),
         ("test_x:errors<=-1", r"errors cannot be negative"),
         ("test_x@hot:accuracy>=0.7", r"bad temperature 'hot' after '@'"),
     ],
@@ -267,5 +268,23 @@ def test_metric_table_is_documented() -> None:
         "tokens",
         "p95_latency",
         "rate_limited",
+        "delta",
+        "delta_ci_low",
+        "delta_ci_high",
+        "maj_accuracy",
+        "agreement",
     }
     assert isinstance(parse_gate("a:cases>1"), Gate)
+
+
+def test_delta_gates_parse_signed_values_and_percentages() -> None:
+    assert parse_gate("test_x:delta>=-0.02").threshold == -0.02
+    assert parse_gate("test_x:delta_ci_low>=-2%").threshold == pytest.approx(-0.02)
+    assert parse_gate("test_x@0.5:delta_ci_high<0").temperature == 0.5
+
+
+def test_a_delta_gate_on_a_row_without_baseline_fails_saying_why() -> None:
+    rows = summarize(cases_for("test_truthfulqa", 0.0, 8, 2), PriceTable())
+    (result,) = evaluate([parse_gate("test_truthfulqa:delta>=-0.02")], rows)
+    assert not result.passed
+    assert "the baseline has no results for this suite and temperature" in result.message

@@ -190,7 +190,11 @@ def test_check_message_is_compact() -> None:
 def test_check_shows_non_strings_and_empty_answers_with_repr() -> None:
     with pytest.raises(AssertionError) as info:
         check(False, question="q", expected=["A", 1], answer="")
-    assert str(info.value).splitlines() == ["expected ['A', 1], got ''", "question: q", "answer:   ''"]
+    assert str(info.value).splitlines() == [
+        "expected ['A', 1], got ''",
+        "question: q",
+        "answer:   ''",
+    ]
 
 
 def test_check_first_line_names_what_was_compared() -> None:
