@@ -1,4 +1,9 @@
-"""TruthfulQA-style multiple choice: one test per question x temperature."""
+"""TruthfulQA-style multiple choice: one test per question x temperature.
+
+Shows the basic shape of a suite: a dataset, temperatures, one call per case, and a grade
+with ``check``. ``got=`` is the letter that was compared, so a failure reads
+``expected 'B', got 'A'`` and the summary shows accuracy falling as the temperature rises.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ def prompt(case: dict[str, object]) -> str:
 @pytest.mark.llmbench(dataset="data/truthfulqa_mc.jsonl", temperatures=[0.0, 0.5, 1.0], id="qid")
 def test_truthfulqa(case, llm):
     r = llm.generate_response(prompt(case), max_tokens=5)
+    letter = extract_choice(r.text)
     check(
-        extract_choice(r.text) == case["answer"],
+        letter == case["answer"],
         question=case["question"],
         expected=case["answer"],
         answer=r.text,
+        got=letter,
     )

@@ -74,9 +74,11 @@ def test_quick_start_and_the_client_on_its_own_as_written(tmp_path: Path) -> Non
     # 1. the example suites on the built-in simulator
     sim_run = run_as_written(main, tmp_path)
     assert sim_run.returncode == 1, sim_run.stdout[-3000:] + sim_run.stderr[-3000:]
-    assert re.search(r"\b\d+ failed, \d+ passed\b", sim_run.stdout)
-    # (under load a retry may add a request: the count is at least one per case)
-    assert sent(sim_run.stdout, "the built-in simulator") >= 170, sim_run.stdout[-2000:]
+    outcome = re.search(r"\b(\d+) failed, (\d+) passed\b", sim_run.stdout)
+    assert outcome and int(outcome[1]) + int(outcome[2]) == 630, sim_run.stdout[-2000:]
+    # 630 cases: 180 + 250 one-call cases and 100 + 100 two-call cases make 830 requests
+    # (under load a retry may add a request: the count is at least one per call)
+    assert sent(sim_run.stdout, "the built-in simulator") >= 830, sim_run.stdout[-2000:]
 
     key = "sk-test-fake-readme-standin-0003"
     with Simulator(SimConfig(api_keys=[key]), port=0) as api:
@@ -85,8 +87,8 @@ def test_quick_start_and_the_client_on_its_own_as_written(tmp_path: Path) -> Non
         api_run = run_as_written(real, tmp_path, OPENAI_API_KEY=key, OPENAI_BASE_URL=api.base_url)
         assert api_run.returncode in (0, 1), api_run.stdout[-3000:] + api_run.stderr[-3000:]
         answered = api.stats()["chat_answered"]
-        assert answered >= 170  # every case asked the API: nothing of the simulator's replayed
-        assert sent(api_run.stdout, api.base_url) >= 170, api_run.stdout[-2000:]
+        assert answered >= 830  # every call asked the API: nothing of the simulator's replayed
+        assert sent(api_run.stdout, api.base_url) >= 830, api_run.stdout[-2000:]
 
         # 3. "The client on its own", as written
         script = tmp_path / "client_alone.py"

@@ -172,6 +172,30 @@ def test_accuracy_falls_with_temperature_as_configured(start, client) -> None:
         assert abs(rate - expected) < 0.14, rates
 
 
+def test_an_items_own_p_correct_replaces_the_configs(start, client) -> None:
+    # Given 20 questions never answered right, 20 always (at T=0), and 20 at the default 0.9
+    never, always, default = questions(60)[:20], questions(60)[20:40], questions(60)[40:]
+    key = [{**q, "p_correct": 0.0} for q in never] + [{**q, "p_correct": 1.0} for q in always]
+    sim = start(answer_key=key + default, p_correct=0.9, temperature_slope=0.35)
+    c = client(sim)
+
+    def answer(item: dict[str, Any], temperature: float) -> str | None:
+        r = c.chat.completions.create(
+            model=MODEL, messages=ask(item["question"]), temperature=temperature
+        )
+        return r.choices[0].message.content
+
+    # Then p_correct=0 is never right and p_correct=1 always right at T=0, for every item
+    assert all(answer(q, 0.0) in q["wrong"] for q in never)
+    assert all(answer(q, 0.0) == q["correct"] for q in always)
+    # and the slope still applies: p(2) = clamp(1 - 0.7, 0, 1) = 0.3, so some go wrong
+    assert any(answer(q, 2.0) != q["correct"] for q in always for _ in range(3))
+    # while items without their own p_correct keep the config's (0.9: most are right)
+    assert sum(answer(q, 0.0) == q["correct"] for q in default) >= 14
+    with pytest.raises(ValueError, match="p_correct"):
+        AnswerItem(question="q", correct="a", p_correct=1.5)
+
+
 def test_same_body_gives_the_same_answer_at_t0(start, client) -> None:
     sim = start(answer_key=questions(20))
     c = client(sim)

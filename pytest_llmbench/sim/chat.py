@@ -226,7 +226,8 @@ def answer_chat(
 ) -> Answer:
     """Answer ``req`` deterministically; ``draws_before`` = earlier draws of the same body."""
     item = index.find(req.messages)
-    p = p_correct_at(config.p_correct, config.temperature_slope, req.temperature)
+    p0 = item.p_correct if item is not None and item.p_correct is not None else config.p_correct
+    p = p_correct_at(p0, config.temperature_slope, req.temperature)
     # Only sampling without a seed gives a new answer each time; T=0 or a seed repeat it.
     repeat = draws_before if req.temperature > 0 and req.seed is None else 0
     choices = []

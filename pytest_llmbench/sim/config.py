@@ -31,7 +31,8 @@ Latency and faults
 Answers
     ``answer_key`` (list of :class:`AnswerItem`), ``answer_key_path`` (JSON/JSONL file, added
     to ``answer_key``), ``p_correct`` (0.9) and ``temperature_slope`` (0.35) give
-    p(T) = clamp(p_correct - slope·T, 0, 1), ``seed`` (0: answers, faults, latency, batch
+    p(T) = clamp(p_correct - slope·T, 0, 1) (an item's own ``p_correct``, when set, replaces
+    the config's for that item), ``seed`` (0: answers, faults, latency, batch
     order), ``reject_unknown_params`` (True: 400 "Unrecognized request argument supplied").
 Batches
     ``batch_validating_seconds`` (1.0), ``batch_requests_per_second`` (50.0; None = all lines
@@ -125,17 +126,27 @@ class StormConfig(BaseModel):
 
 
 class AnswerItem(BaseModel):
-    """One known question with its correct answer and the wrong ones."""
+    """One known question with its correct answer and the wrong ones.
+
+    ``p_correct`` (None: the config's ``p_correct``) sets this item's probability of a
+    correct answer at T = 0, so a key can mix easy and hard questions; the temperature
+    slope still applies: p(T) = clamp(p_correct - slope·T, 0, 1).
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     question: str = Field(min_length=1)
     correct: str
     wrong: list[str] = Field(default_factory=list)
+    p_correct: float | None = Field(default=None, ge=0, le=1)
 
 
 class SimConfig(BaseModel):
-    """The simulator's whole configuration (see the module docstring for every field)."""
+    """The simulator's whole configuration (see the module docstring for every field).
+
+    ``p_correct`` is the default chance of a right answer at T = 0; an answer-key item's
+    own ``p_correct`` (:class:`AnswerItem`) replaces it for that item.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
