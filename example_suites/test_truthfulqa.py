@@ -21,7 +21,12 @@ def prompt(case: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.llmbench(dataset="data/truthfulqa_mc.jsonl", temperatures=[0.0, 0.5, 1.0], id="qid")
+@pytest.mark.llmbench(
+    dataset="data/truthfulqa_mc.jsonl",
+    temperatures=[0.0, 0.5, 1.0],
+    id="qid",
+    normalize=extract_choice,  # "B", "(b)" and "The answer is B." are one answer: "B"
+)
 def test_truthfulqa(case, llm):
     r = llm.generate_response(prompt(case), max_tokens=5)
     letter = extract_choice(r.text)

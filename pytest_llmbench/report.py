@@ -7,18 +7,16 @@ so the documentation cannot drift from what is checked.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomically
 from .errors import ConfigError
 from .gates import GateResult
 from .results import CaseResult, SuiteSummary
@@ -104,24 +102,7 @@ def write_report(path: str | Path, report: Mapping[str, Any]) -> None:
         text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--llm-report: cannot serialise the report for {path}: {exc}") from None
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # the plugin checked it at configure
-        # same directory, so that os.replace is a rename within one filesystem
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError(f"--llm-report: cannot write {path}: {reason}") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    write_text_atomically(path, text, "--llm-report")
 
 
 def _to_datetime(value: Any) -> datetime | None:

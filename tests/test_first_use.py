@@ -378,3 +378,18 @@ def test_a_refusal_in_the_prefetch_is_not_sent_again(
     # a failure is not an answer: the next run asks again
     pytester.runpytest()
     assert api.stats()["chat_requests"] == 2
+
+
+def test_the_short_summary_says_what_went_wrong(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # pytest cuts the line to the terminal's width
+    pytester.makepyfile(test_suite=WRONG_AND_BROKEN)
+    result = pytester.runpytest("--llm-sim", "-rf")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        ["FAILED test_suite.py::test_wrong[[]a[]] - Failed: expected 2, got '*'"]
+    )
+    text = output(result)
+    # the failure block itself: the three lines of check, once
+    assert text.count("question: What is 1+1?") == 1

@@ -25,7 +25,10 @@ def test_option_table_is_generated_from_the_options() -> None:
 
 def test_quick_start_commands() -> None:
     text = README.read_text(encoding="utf-8")
-    assert "pip install -e . && pytest -n 8 example_suites --llm-sim" in text
+    assert (
+        'pip install -e ".[html]" && pytest -n 8 example_suites --llm-sim --llm-html report.html'
+        in text
+    )
     assert 'pip install -e ".[test]" && pytest' in text
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert 'pip install -e ".[test]" && pytest' in ci
@@ -65,7 +68,7 @@ def test_quick_start_and_the_client_on_its_own_as_written(tmp_path: Path) -> Non
     and the second command's `pytest` is this very test session."""
     commands = [c for c in code_block("Quick start", "bash").splitlines() if c and c[0] != "#"]
     assert commands == [
-        "pip install -e . && pytest -n 8 example_suites --llm-sim",
+        'pip install -e ".[html]" && pytest -n 8 example_suites --llm-sim --llm-html report.html',
         'pip install -e ".[test]" && pytest',
     ]
     main = commands[0].split(" && ")[1]
@@ -79,6 +82,9 @@ def test_quick_start_and_the_client_on_its_own_as_written(tmp_path: Path) -> Non
     # 630 cases: 180 + 250 one-call cases and 100 + 100 two-call cases make 830 requests
     # (under load a retry may add a request: the count is at least one per call)
     assert sent(sim_run.stdout, "the built-in simulator") >= 830, sim_run.stdout[-2000:]
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "test_short_answer" in page and "llmbench" in page
+    assert "llmbench consistency: test_short_answer@0.7: maj@5" in sim_run.stdout
 
     key = "sk-test-fake-readme-standin-0003"
     with Simulator(SimConfig(api_keys=[key]), port=0) as api:

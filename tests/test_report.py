@@ -219,3 +219,15 @@ def test_schema_doc_documents_every_field() -> None:
     assert {f.name for f in dataclasses.fields(SuiteSummary)} - set(report["suites"][0]) == {
         "latencies"
     }
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+def test_the_report_file_is_readable_like_any_other_output(tmp_path: Path) -> None:
+    from pytest_llmbench.atomic import write_text_atomically
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomically(tmp_path / "r.json", "{}", "--llm-report")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
