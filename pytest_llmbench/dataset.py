@@ -1,4 +1,5 @@
-"""Loading benchmark datasets (JSONL, JSON, CSV, iterables) into items with stable ids.
+"""Loading benchmark datasets (JSONL, JSON, CSV, iterables, Hugging Face datasets) into
+items with stable ids.
 
 An item's id ends up in the pytest node id, which keys ``--lf`` history, cassettes and
 stored responses. So ids come from an id field or from a hash of the row's content, never
@@ -17,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from .errors import DatasetError
 
@@ -43,6 +44,7 @@ _MAX_ID_LEN = 40
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _JSON_WS = re.compile(r"[ \t\n\r]*")
 _JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+_HF_PREFIX = "hf:"  # hf_dataset.PREFIX, without importing that module for every file dataset
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class Item:
     """One dataset row.
 
     ``id`` is safe to use in a pytest node id; ``line`` is the 1-based line the row starts
-    on (None for rows from an iterable); ``source`` is the path as given, or a name for an
+    on (None for rows from an iterable or a Hugging Face dataset); ``source`` is the path as
+    given, ``hf:NAME[:CONFIG]@SPLIT`` for a Hugging Face dataset, or a name for an
     iterable. ``data`` is shared by every test that loads the same file: treat it as
     read-only.
     """
@@ -67,10 +70,15 @@ class Item:
 @dataclass(frozen=True)
 class _Row:
     data: dict[str, Any]
-    where: int  # the line for files, the 1-based position for iterables
+    # the line for files, the 1-based position for iterables, the 0-based row index for hf
+    where: int
 
 
-_CacheKey: TypeAlias = tuple[str, int, int, str | None, tuple[str, ...]]
+# how _make_items names a row: "file:LINE", "name:POSITION", "dataset ..., row INDEX"
+_Unit: TypeAlias = Literal["line", "item", "row"]
+# (resolved path, mtime, size, id_field, required) for files; ("hf", name, config, split,
+# revision, id_field, required) for Hugging Face datasets
+_CacheKey: TypeAlias = tuple[object, ...]
 _cache: dict[_CacheKey, list[Item]] = {}
 _cache_lock = threading.Lock()
 
@@ -81,12 +89,21 @@ def load_dataset(
     base_dir: Path | None = None,
     id_field: str | None = None,
     required: Sequence[str] = (),
+    hf_config: str | None = None,
+    hf_split: str | None = None,
+    hf_revision: str | None = None,
 ) -> list[Item]:
     """Load a dataset and give every row a stable id.
 
     ``source`` is a path to a ``.jsonl``/``.ndjson``, ``.json`` (an array of objects) or
     ``.csv`` file (header row, values stay strings), relative to ``base_dir`` (the test
-    file's directory); or an iterable of mappings, or a callable returning one.
+    file's directory); or an iterable of mappings, or a callable returning one; or
+    ``"hf:ORG/NAME"`` (also ``hf:ORG/NAME:CONFIG@SPLIT``, or ``hf:`` and a local dataset
+    directory), a Hugging Face dataset read with the ``datasets`` library (the ``hf``
+    extra): ``hf_config`` names its config (default: the dataset's default), ``hf_split``
+    its split (default ``"test"``), ``hf_revision`` a branch, tag or commit. Its values
+    become JSON values (numpy numbers Python numbers, dates ISO strings); a column JSON
+    cannot hold (bytes) is an error naming the row (0-based, as ``dataset[i]``) and field.
 
     The id is ``str(row[id_field])`` when ``id_field`` is given, else the first 8 hex
     digits of the sha256 of the row's canonical JSON (16 for rows whose first 8 collide).
@@ -95,8 +112,18 @@ def load_dataset(
     content cannot get distinct stable ids.
 
     Files are cached per process by (resolved path, mtime, size, id_field, required), so a
-    dataset used by several tests is read once. Raises :class:`DatasetError`.
+    dataset used by several tests is read once; Hugging Face datasets by (name, config,
+    split, revision, id_field, required). Raises :class:`DatasetError`.
     """
+    hf_args = {"hf_config": hf_config, "hf_split": hf_split, "hf_revision": hf_revision}
+    if isinstance(source, str) and source.startswith(_HF_PREFIX):
+        return _load_hf(source, base_dir, id_field, tuple(required), hf_args)
+    given = [name for name, value in hf_args.items() if value is not None]
+    if given:
+        raise DatasetError(
+            f"{given[0]}= applies only to a Hugging Face dataset (dataset='hf:ORG/NAME')",
+            path=str(source) if isinstance(source, (str, os.PathLike)) else None,
+        )
     if isinstance(source, (str, os.PathLike)):
         return _load_file(Path(source), base_dir, id_field, tuple(required))
     if isinstance(source, Mapping):
@@ -115,7 +142,7 @@ def load_dataset(
         if not isinstance(row, Mapping):
             raise DatasetError(f"expected a mapping, got {type(row).__name__}", path=name, line=pos)
         parsed.append(_Row(dict(row), pos))
-    return _make_items(parsed, name, id_field, tuple(required), file_lines=False)
+    return _make_items(parsed, name, id_field, tuple(required), unit="item")
 
 
 def clear_cache() -> None:
@@ -160,7 +187,45 @@ def _load_file(
         rows = _parse_json_array(text, display)
     else:
         rows = _parse_jsonl(text, display)
-    items = _make_items(rows, display, id_field, required, file_lines=True)
+    items = _make_items(rows, display, id_field, required, unit="line")
+    with _cache_lock:
+        _cache[key] = items
+    return list(items)
+
+
+def _load_hf(
+    given: str,
+    base_dir: Path | None,
+    id_field: str | None,
+    required: tuple[str, ...],
+    hf_args: Mapping[str, str | None],
+) -> list[Item]:
+    from .hf_dataset import load_rows, parse_source
+
+    source = parse_source(
+        given,
+        base_dir=base_dir,
+        config=hf_args["hf_config"],
+        split=hf_args["hf_split"],
+        revision=hf_args["hf_revision"],
+    )
+    key: _CacheKey = (
+        "hf",
+        source.name,
+        source.config,
+        source.split,
+        source.revision,
+        id_field,
+        required,
+    )
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is not None:
+        return list(cached)
+    rows = [_Row(data, index) for index, data in load_rows(source)]
+    items = _make_items(
+        rows, source.where, id_field, required, unit="row", item_source=source.canonical
+    )
     with _cache_lock:
         _cache[key] = items
     return list(items)
@@ -271,18 +336,21 @@ def _make_items(
     id_field: str | None,
     required: tuple[str, ...],
     *,
-    file_lines: bool,
+    unit: _Unit,
+    item_source: str | None = None,
 ) -> list[Item]:
     if not rows:
         raise DatasetError("dataset is empty", path=source)
-    unit = "line" if file_lines else "item"
     for row in rows:
         for name in required:
             if name not in row.data:
-                raise DatasetError(
-                    "required field missing", path=source, line=row.where, field=name
-                )
-    raw_ids = _hash_ids(rows, source) if id_field is None else _field_ids(rows, source, id_field)
+                raise _row_error("required field missing", source, unit, row, field=name)
+    raw_ids = (
+        _hash_ids(rows, source, unit)
+        if id_field is None
+        else _field_ids(rows, source, id_field, unit)
+    )
+    on = "in" if unit == "row" else "on"
     items: list[Item] = []
     first_seen: dict[str, tuple[int, str]] = {}
     for row, raw in zip(rows, raw_ids, strict=True):
@@ -291,30 +359,38 @@ def _make_items(
             other_line, other_raw = first_seen[item_id]
             if id_field is None:
                 message = (
-                    f"identical to the row on {unit} {other_line}; identical rows cannot get "
-                    "distinct stable ids (remove one, or add an id field)"
+                    f"identical to the row {on} {unit} {other_line}; identical rows cannot "
+                    "get distinct stable ids (remove one, or add an id field)"
                 )
             elif other_raw == raw:
-                message = f"duplicate id {raw!r} (also on {unit} {other_line})"
+                message = f"duplicate id {raw!r} (also {on} {unit} {other_line})"
             else:
                 message = (
-                    f"id {raw!r} becomes {item_id!r} in node ids, like {other_raw!r} on "
+                    f"id {raw!r} becomes {item_id!r} in node ids, like {other_raw!r} {on} "
                     f"{unit} {other_line}"
                 )
-            raise DatasetError(message, path=source, line=row.where)
+            raise _row_error(message, source, unit, row)
         first_seen[item_id] = (row.where, raw)
-        items.append(Item(item_id, row.data, row.where if file_lines else None, source))
+        line = row.where if unit == "line" else None
+        items.append(Item(item_id, row.data, line, item_source or source))
     return items
 
 
-def _field_ids(rows: list[_Row], source: str, id_field: str) -> list[str]:
+def _row_error(
+    message: str, source: str, unit: _Unit, row: _Row, field: str | None = None
+) -> DatasetError:
+    """``file:LINE: ...`` and ``name:POSITION: ...``; ``dataset ..., row INDEX: ...``."""
+    if unit == "row":
+        return DatasetError(message, path=f"{source}, row {row.where}", field=field)
+    return DatasetError(message, path=source, line=row.where, field=field)
+
+
+def _field_ids(rows: list[_Row], source: str, id_field: str, unit: _Unit) -> list[str]:
     ids = []
     for row in rows:
         value = row.data.get(id_field)
         if value is None or value == "":
-            raise DatasetError(
-                "id field missing or empty", path=source, line=row.where, field=id_field
-            )
+            raise _row_error("id field missing or empty", source, unit, row, field=id_field)
         ids.append(str(value))
     return ids
 
@@ -328,7 +404,7 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _hash_ids(rows: list[_Row], source: str) -> list[str]:
+def _hash_ids(rows: list[_Row], source: str, unit: _Unit) -> list[str]:
     digests = []
     for row in rows:
         try:
@@ -338,10 +414,8 @@ def _hash_ids(rows: list[_Row], source: str) -> list[str]:
         except (TypeError, ValueError) as exc:
             # Falling back to repr() could embed memory addresses: ids would differ between
             # xdist workers and the run would abort with "Different tests were collected".
-            raise DatasetError(
-                f"row is not JSON-serialisable ({exc}); pass id_field=...",
-                path=source,
-                line=row.where,
+            raise _row_error(
+                f"row is not JSON-serialisable ({exc}); pass id_field=...", source, unit, row
             ) from None
         digests.append(_digest(canonical))
     # 8 hex digits collide between *different* rows with odds ~n^2/2^33 (about 1% at 10k

@@ -23,6 +23,7 @@ CASE = pytest.StashKey[CaseAccumulator]()
 PARAM_FIXTURE = "case"  # the indirect parameter: (item, temperature, sample)
 MARKER_KWARGS = frozenset(
     {"dataset", "temperatures", "id", "samples", "plan", "required", "normalize"}
+    | {"hf_config", "hf_split", "hf_revision"}  # dataset="hf:ORG/NAME" (README)
 )
 CHECKED = pytest.StashKey[dict[str, Any]]()
 
@@ -152,6 +153,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             base_dir=metafunc.definition.path.parent,
             id_field=marker.kwargs.get("id"),
             required=tuple(marker.kwargs.get("required", ())),
+            hf_config=marker.kwargs.get("hf_config"),
+            hf_split=marker.kwargs.get("hf_split"),
+            hf_revision=marker.kwargs.get("hf_revision"),
         )
     except DatasetError as exc:
         problem = str(exc)
