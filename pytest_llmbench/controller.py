@@ -9,7 +9,6 @@ see it. It keeps what only the controller has; per-process values live in ``RunS
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -21,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .errors import FATAL_EXIT_STATUS, ConfigError
-from .outputs import html_path, load_baseline, output_path, pytest_html_section, write_outputs
+from .outputs import (
+    html_path,
+    load_baseline,
+    output_path,
+    pytest_html_section,
+    read_json,
+    write_outputs,
+)
 from .results import CaseResult
 from .runtime import stop_message
 
@@ -566,12 +572,7 @@ def start_simulator(config: pytest.Config, state: RunState) -> Simulator:
 
 
 def _read_json(path: Path, option: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise pytest.UsageError(f"{option}: cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise pytest.UsageError(f"{option}: {path} is not valid JSON: {exc}") from None
+    data = read_json(path, f"{option}: {path}")
     if not isinstance(data, dict):
         raise pytest.UsageError(f"{option}: {path} must hold a JSON object")
     return data

@@ -67,12 +67,7 @@ def load_baseline(config: pytest.Config, given: Path | None) -> Baseline | None:
 
     path = config.invocation_params.dir / Path(given)
     where = f"--llm-baseline: {given}"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise pytest.UsageError(f"{where}: cannot read it: {exc.strerror}") from None
-    except ValueError as exc:
-        raise pytest.UsageError(f"{where}: not valid JSON: {exc}") from None
+    data = read_json(path, where)
     problems = validate_report(data)
     if problems:
         raise pytest.UsageError(
@@ -83,6 +78,16 @@ def load_baseline(config: pytest.Config, given: Path | None) -> Baseline | None:
     except (TypeError, ValueError) as exc:
         raise pytest.UsageError(f"{where}: a case cannot be read: {exc}") from None
     return Baseline(path, str(given), dict(data.get("run") or {}), cases)
+
+
+def read_json(path: Path, where: str) -> Any:
+    """A JSON file given by an option; a usage error starting with ``where`` if it is not."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise pytest.UsageError(f"{where}: cannot read it: {exc.strerror}") from None
+    except ValueError as exc:
+        raise pytest.UsageError(f"{where}: not valid JSON: {exc}") from None
 
 
 def write_outputs(report: dict[str, Any], json_path: Path | None, html_file: Path | None) -> None:
@@ -114,5 +119,6 @@ __all__ = [
     "load_baseline",
     "output_path",
     "pytest_html_section",
+    "read_json",
     "write_outputs",
 ]
