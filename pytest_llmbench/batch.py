@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .batch_api import BatchApi
+from .batch_api import BatchApi, NoBatchApi
 from .batch_collect import (
     Collected,
     JobLines,
@@ -276,6 +276,7 @@ class BatchRunner:
         answer = Answer(response["body"], headers, latency=0.0, attempts=1)
         replace = self.state.fresh_since is not None
         self.store.save(request, answer, source="batch", replace=replace, batch_id=batch_id)
+        self.state.add_batch_cost(body, answer.body)  # --llm-max-cost counts it (half price)
 
 
 def make_runner(config: pytest.Config, state: RunState) -> BatchRunner:
@@ -349,6 +350,8 @@ def run_rounds(
     try:
         stage.run()
         stats = stage.settle()
+    except NoBatchApi as exc:  # the server has none: one line, no "fix it and rerun"
+        pytest.exit(f"llmbench: {exc}", FATAL_EXIT_STATUS)
     except LLMCallError as exc:
         if exc.fatal:  # a wrong key, no quota...: every other call would fail the same way
             pytest.exit(stop_message(f"the Batch API refused the run: {exc}"), FATAL_EXIT_STATUS)

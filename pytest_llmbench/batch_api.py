@@ -15,6 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from .budget import mask_url
 from .errors import LLMCallError
 from .retry import BackoffPolicy, describe, is_retryable
 
@@ -28,6 +29,20 @@ T = TypeVar("T")
 ATTEMPTS = 6
 #: ``batches.list`` pages searched for a job lost between upload and create (100 each)
 LIST_PAGES = 20
+
+
+class NoBatchApi(LLMCallError):
+    """The server has no Files or Batch API: an endpoint answered 404 (llama.cpp's
+    server, most local servers). The run stops at once, naming the server and the
+    endpoint, before anything is sent to ``/chat/completions``."""
+
+    def __init__(self, base_url: str, endpoint: str) -> None:
+        super().__init__(
+            f"--batch-api: {base_url} has no Batch API ({endpoint} answered 404); "
+            "run without --batch-api",
+            status=404,
+            fatal=True,
+        )
 
 
 class BatchApi:
@@ -48,23 +63,37 @@ class BatchApi:
                 time.sleep(self.policy.wait(exc, attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def endpoint_call(self, endpoint: str, fn: Callable[[], T], object_id: str = "") -> T:
+        """:meth:`call` for a call whose 404 means the endpoint is missing (not an object
+        of it: a 404 that names ``object_id`` is about that object)."""
+        try:
+            return self.call(fn)
+        except LLMCallError as exc:
+            if exc.status != 404 or (object_id and object_id in str(exc)):
+                raise
+            base = mask_url(str(self.client.base_url).rstrip("/"))
+            raise NoBatchApi(base, endpoint) from None
+
     def upload(self, data: bytes) -> str:
         """Upload a JSONL input file; returns its file id."""
-        upload = self.call(
+        upload = self.endpoint_call(
+            "POST /files",
             lambda: self.client.files.create(
                 file=("llmbench-batch.jsonl", io.BytesIO(data)), purpose="batch"
-            )
+            ),
         )
         return str(upload.id)
 
     def create(self, input_file_id: str, endpoint: str, window: Literal["24h"], count: int) -> Any:
-        return self.call(
+        return self.endpoint_call(
+            "POST /batches",
             lambda: self.client.batches.create(
                 input_file_id=input_file_id,
                 endpoint=endpoint,  # type: ignore[arg-type]
                 completion_window=window,
                 metadata={"created_by": "pytest-llmbench", "requests": str(count)},
-            )
+            ),
+            input_file_id,
         )
 
     def retrieve(self, batch_id: str) -> Any | None:
@@ -84,7 +113,7 @@ class BatchApi:
         after: str | None = None
         oldest = float(job.get("created_at", 0.0)) - 3600.0
         for _ in range(LIST_PAGES):  # the newest 2,000 batches at most
-            page = self.call(partial(self._page_after, after))
+            page = self.endpoint_call("GET /batches", partial(self._page_after, after))
             data = list(page.data)
             for b in data:
                 if b.input_file_id == job["input_file_id"]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import LLMConfig
-from .errors import LLMCallError, LLMPending
+from .errors import LLMCallError, LLMPending, RunStopped
+from .reasoning import is_reasoning_model
 from .response import Answer, ClientStats, ModelStats, Response, Usage, estimate_tokens
 from .runner import Runner
 from .store import PlannedRequest
@@ -124,6 +125,13 @@ class LLMClient:
         body["messages"] = to_messages(prompt)
         if "max_tokens" not in body and "max_completion_tokens" not in body:
             body["max_completion_tokens"] = self.config.max_tokens
+        if self.config.reasoning_effort is not None:
+            body.setdefault("reasoning_effort", self.config.reasoning_effort)
+        if body.get("max_tokens") is not None and is_reasoning_model(str(body["model"])):
+            # a reasoning model refuses max_tokens (400): the same bound by its newer name
+            limit = body.pop("max_tokens")
+            if body.get("max_completion_tokens") is None:
+                body["max_completion_tokens"] = limit
         return {k: v for k, v in body.items() if v is not None}
 
     def _key(self, body: Mapping[str, Any]) -> str | None:
@@ -202,10 +210,13 @@ class LLMClient:
         if self.context is not None and self.context.on_response is not None:
             self.context.on_response(response)
 
+    def _stop_reason(self) -> str | None:
+        ctx = self.context
+        return ctx.stopped() if ctx is not None and ctx.stopped is not None else None
+
     def _check_stop(self) -> None:
         """Send nothing once the run stops (a fatal refusal in this or another process)."""
-        ctx = self.context
-        reason = ctx.stopped() if ctx is not None and ctx.stopped is not None else None
+        reason = self._stop_reason()
         if reason is not None:
             raise LLMCallError(reason, attempts=0, fatal=True)
 
@@ -217,6 +228,10 @@ class LLMClient:
     def generate_response(self, prompt: PromptLike, **params: Any) -> Response:
         """Send one chat completion (or replay it) and return the :class:`Response`.
 
+        ``params`` are the API's (``temperature``, ``n``, ``seed``, ``reasoning_effort``...).
+        For a reasoning model (:func:`~pytest_llmbench.reasoning.is_reasoning_model`),
+        ``max_tokens=N`` is sent as ``max_completion_tokens=N``: the API refuses
+        ``max_tokens`` there, and N then bounds the hidden reasoning plus the answer.
         Raises :class:`LLMCallError` when the call fails for good.
         """
         body = self.build_request(prompt, params)
@@ -277,6 +292,8 @@ class LLMClient:
         if missing:
             self._check_stop()
             asyncio.run(self.arun(missing, lambda i: bodies[i], answered, failed))
+            if any(results[i] is None for i in missing):  # left unsent: the run stopped
+                raise RunStopped(self._stop_reason() or "the run is stopping")
         out = [r for r in results if r is not None]
         for i, r in enumerate(out):
             if i not in fetched:

@@ -28,6 +28,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .options import DEFAULT_BASE_URL, OPTIONS, OPTIONS_BY_DEST, Option
+from .reasoning import check_effort
 
 DEFAULT_MODEL = "gpt-4o-mini"
 #: the environment variable of the API key; never an option (shell history, CI logs)
@@ -68,6 +69,7 @@ class LLMConfig(BaseModel):
     project: str | None = None
     model: str = DEFAULT_MODEL
     max_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    reasoning_effort: str | None = None
     timeout: float = Field(default=60.0, gt=0, le=3600)
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
@@ -97,6 +99,11 @@ class LLMConfig(BaseModel):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/") if value else value
+
+    @field_validator("reasoning_effort")
+    @classmethod
+    def _check_effort(cls, value: str | None) -> str | None:
+        return None if value is None else check_effort(value)
 
     @field_validator("budget_url")
     @classmethod
@@ -150,6 +157,8 @@ class RunSettings:
     baseline: Path | None = None
     gate: tuple[str, ...] = ()
     prices: Path | None = None
+    max_cost: float | None = None
+    estimate: bool = False
     sim_config: Path | None = None
     batch_max_requests: int | None = None
 

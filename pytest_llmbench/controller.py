@@ -81,10 +81,12 @@ class Controller:
         self.prefetch: PrefetchStats | None = None
         self.batch: BatchStats | None = None  # what the Batch API stage did
         self.batch_lines: list[str] = []
+        self.pacing: str | None = None  # how the requests sent were paced (a summary note)
         self.summary: RunSummary | None = None
         self.sim: Simulator | None = None
         self.session: pytest.Session | None = None
         self.fetch: Fetch | None = None  # the prefetch, running or done
+        self.estimate: list[str] | None = None  # --llm-estimate's lines
         self.interrupts: Interrupts | None = None
 
     # ------------------------------------------------------------------ start and stop
@@ -145,6 +147,10 @@ class Controller:
             if fetch.journal is not None:
                 fetch.journal.close()
         self.state.stop.remove()
+        if self.state.options.max_cost is not None:
+            from .spend import ledger_name
+
+            self.state.store.delete_state(ledger_name(self.state.run_token))  # this run's spend
         if self.sim is not None:
             self.sim.stop()
             self.sim = None
@@ -172,6 +178,19 @@ class Controller:
         if _workers(self.config):
             self.fetch.under_way.wait(WORKERS_WAIT_S)
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[Any]) -> None:
+        """--llm-estimate: plan what the selection would send, then deselect every test
+        (after -k, -m and --lf have chosen): nothing runs, nothing is sent."""
+        if not self.state.options.estimate:
+            return
+        from .estimate import run_estimate
+
+        self.estimate = run_estimate(config, self.state, self.prices)
+        if items:
+            config.hook.pytest_deselected(items=list(items))
+            items[:] = []
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Without xdist this process collects: what the run will call is known now."""
@@ -187,7 +206,7 @@ class Controller:
         from .plan import runs_tests
 
         state = self.state
-        if calls and runs_tests(self.config):
+        if calls and runs_tests(self.config) and not state.options.estimate:
             state.check_credentials()
         wanted = (nodeids is None or bool(nodeids)) and prefetch_enabled(self.config, state)
         if wanted and self.fetch is None:
@@ -275,10 +294,17 @@ class Controller:
             session.exitstatus = new_status
         if self.state.stopped() is not None:
             session.exitstatus = FATAL_EXIT_STATUS
+        elif self.estimate is not None and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+            session.exitstatus = pytest.ExitCode.OK  # every test deselected on purpose
         elif self.interrupts is not None and self.interrupts.message is not None:
             session.exitstatus = pytest.ExitCode.INTERRUPTED
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.estimate is not None:
+            model = self.state.llm_config.model
+            terminalreporter.write_sep("=", f"llmbench estimate (model {model})")
+            for line in self.estimate:
+                terminalreporter.write_line(line)
         if self.summary is not None:
             self.print_summary(terminalreporter)
         reason = self.state.stopped()
@@ -326,6 +352,8 @@ class Controller:
             new_status = 0 if all(r.passed for r in results) else 1
         final_status = exitstatus if new_status is None else new_status
         mode = self.run_mode(total.requests)
+        if mode != "batch" and total.requests:
+            self.pacing = pacing_line(self.state)
         if self.report_path is not None or self.html_path is not None:
             report = self.report(cases, summaries, total, results, mode, final_status, now)
             if self.baseline is not None:
@@ -378,6 +406,16 @@ class Controller:
             lines.append(f"llmbench cassettes: {what} (mode {state.record_mode}) in {where}")
         if self.prefetch is not None:
             lines.append(prefetch_line(self.prefetch))
+        if self.pacing is not None:
+            lines.append(self.pacing)
+        from .tokens import describe
+
+        lines.append(describe(state.llm_config.model))  # exact or estimated prompt tokens
+        if state.options.max_cost is not None:
+            from .spend import Spend, ledger_name, summary_line
+
+            spend = Spend.of(state.store.get_state(ledger_name(state.run_token)))
+            lines.append(summary_line(state.options.max_cost, spend))
         return lines + self.batch_lines
 
     def print_summary(self, tr: pytest.TerminalReporter) -> None:
@@ -469,6 +507,37 @@ def prefetch_report(stats: PrefetchStats) -> dict[str, Any]:
         "fetch_s": round(stats.fetch_s, 3),
         "rate_limited": stats.rate_limited,
     }
+
+
+def pacing_line(state: RunState) -> str | None:
+    """How the run's requests were paced: by the configured limits, by the limits the
+    budget learned from the server's headers, or not at all. The budget of the run's
+    model is asked, since it knows whether any process learned a limit; None when it
+    cannot tell (or cannot be reached)."""
+    from .errors import BudgetError
+    from .transport import budget_for
+
+    cfg = state.llm_config
+    alone = f"concurrency alone (--llm-concurrency {cfg.max_concurrency}) bounds it"
+    if cfg.budget_url == "none":
+        return f"llmbench pacing: not paced (--llm-budget none); {alone}"
+    try:
+        budget = budget_for(cfg, cfg.model)
+        try:
+            learned = getattr(budget, "learned_limits", lambda: None)()
+        finally:
+            budget.close()
+    except BudgetError:
+        learned = None
+    if cfg.rpm is not None or cfg.tpm is not None:
+        set_ = [f"{n} {v}" for n, v in (("rpm", cfg.rpm), ("tpm", cfg.tpm)) if v is not None]
+        also = " and the server's x-ratelimit headers (the lower limit wins)" if learned else ""
+        return f"llmbench pacing: paced by --llm-rpm/--llm-tpm ({', '.join(set_)}){also}"
+    if learned is None:
+        return None
+    if learned:
+        return "llmbench pacing: paced by the server's x-ratelimit headers"
+    return f"llmbench pacing: not paced: the server sends no rate-limit headers; {alone}"
 
 
 def origin_line(state: RunState, total: SuiteSummary) -> str:

@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 
 def prefetch_enabled(config: pytest.Config, state: RunState) -> bool:
     """Whether the controller plans and fetches before the tests run."""
+    if state.options.estimate:
+        return False  # --llm-estimate plans, sends nothing (estimate.py)
     if state.options.no_prefetch and not state.llm_config.batch.enabled:
         return False
     if state.record_mode == "none":
@@ -147,6 +149,7 @@ class Fetch:
         rpm = state.llm_config.rpm
         self.progress = Progress(config, "llmbench prefetch", total=0, rpm=rpm, live=live_line)
         self.client: LLMClient = LLMClient(state.llm_config)
+        self.client.shared.cost_cap = state.cost_cap(on_stop=self.cap_reached)
         self.stopping = threading.Event()  # no new request starts
         self.under_way = threading.Event()  # the first request is planned, or none will be
         self.journal: JournalWriter | None = None
@@ -242,6 +245,14 @@ class Fetch:
         if self.journal is not None:
             self.journal.settled(req.key)
         self.progress.fail(exc)
+
+    def cap_reached(self, reason: str) -> None:
+        """``--llm-max-cost``: send nothing more; tests waiting for an answer that will
+        not come are skipped, and the run exits with status 6 (the stop file)."""
+        self.state.stop.trip(reason)
+        self.stopping.set()
+        if self.journal is not None:
+            self.journal.end("stopped", reason)
 
     async def _send(
         self, requests: Iterable[PlannedRequest] | AsyncIterable[PlannedRequest]

@@ -7,7 +7,8 @@ again. The controller keeps a **fetch journal**, an append-only file of short li
 ``P <key>``  planned: the fetch will send this request (it is not stored yet)
 ``S <key>``  settled: its answer is stored, or it failed (then the store says why)
 ``C``        planning is complete: a key not planned by now never will be
-``E {json}`` the fetch ended: ``{"status": "done" | "fatal" | "interrupted", "reason": ...}``
+``E {json}`` the fetch ended: ``{"status": "done" | "fatal" | "stopped" | "interrupted",
+           "reason": ...}`` (stopped: the cost cap, ``spend.py``)
 
 A waiting test checks the file's size (one ``stat`` call) every millisecond at first,
 backing off to every 10 ms, and reads only the bytes added since its last look. The same
@@ -49,7 +50,7 @@ class Verdict(Enum):
 
 @dataclass(frozen=True)
 class FetchEnd:
-    status: str  # done | fatal | interrupted
+    status: str  # done | fatal | stopped (the cost cap) | interrupted
     reason: str = ""
 
 

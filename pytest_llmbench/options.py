@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .reasoning import check_effort
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
@@ -39,6 +41,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise ValueError("expected a number of seconds, 0 or more")
+    return value
+
+
+def _usd(text: str) -> float:
+    value = float(text.strip().removeprefix("$"))
+    if not value > 0 or value == float("inf"):
+        raise ValueError("expected a cost in USD, more than 0 (e.g. 0.50)")
     return value
 
 
@@ -104,9 +113,20 @@ OPTIONS: tuple[Option, ...] = (
         "--llm-max-tokens",
         "LLMBENCH_MAX_TOKENS",
         "max_tokens",
-        "default max_tokens per call",
+        "default max_tokens per call (on reasoning models it bounds reasoning plus answer)",
         int,
         metavar="N",
+    ),
+    Option(
+        "llm_reasoning_effort",
+        "--llm-reasoning-effort",
+        "LLMBENCH_REASONING_EFFORT",
+        "reasoning_effort",
+        "reasoning_effort of every call, overriding the marker's (reasoning models only: "
+        "none, minimal, low, medium, high or xhigh)",
+        check_effort,
+        metavar="EFFORT",
+        default="the marker's, else the model's own",
     ),
     Option(
         "llm_timeout",
@@ -412,6 +432,27 @@ OPTIONS: tuple[Option, ...] = (
         Path,
         metavar="FILE",
         default="the built-in table",
+    ),
+    Option(
+        "llm_estimate",
+        "--llm-estimate",
+        "LLMBENCH_ESTIMATE",
+        None,
+        "plan the run and print per suite its requests, prompt tokens, output bound and "
+        "cost range; send nothing (the tests are deselected)",
+        _bool,
+        kind="flag",
+    ),
+    Option(
+        "llm_max_cost",
+        "--llm-max-cost",
+        "LLMBENCH_MAX_COST",
+        None,
+        "stop sending (exit status 6) before this run's spend could pass USD, at the price "
+        "table's prices; stored answers are kept",
+        _usd,
+        metavar="USD",
+        default="no cap",
     ),
     Option(
         "llm_sim_config",

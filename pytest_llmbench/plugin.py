@@ -24,6 +24,7 @@ PARAM_FIXTURE = "case"  # the indirect parameter: (item, temperature, sample)
 MARKER_KWARGS = frozenset(
     {"dataset", "temperatures", "id", "samples", "plan", "required", "normalize"}
     | {"hf_config", "hf_split", "hf_revision"}  # dataset="hf:ORG/NAME" (README)
+    | {"reasoning_effort"}  # reasoning models (README "Reasoning models")
 )
 CHECKED = pytest.StashKey[dict[str, Any]]()
 
@@ -55,7 +56,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "llmbench(dataset, temperatures=None, id=None, samples=1, plan=True): run the test "
+        "llmbench(dataset, temperatures=None, id=None, samples=1, plan=True, "
+        "reasoning_effort=None): run the test "
         "once per dataset item x temperature (x sample) with the `case` and `llm` fixtures",
     )
     state = RunState.from_config(config)
@@ -63,6 +65,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     configure_cassettes(config, state, state.shared)
     config.stash[STATE] = state
+    if state.options.estimate and state.phase == "run" and not is_worker(config):
+        # --llm-estimate runs no test: no xdist workers to start (as xdist does for --pdb)
+        config.option.dist, config.option.tx = "no", []
     # one plugin object per role, registered only in the process that has the role
     name = f"llmbench-{id(config)}"
     if state.phase == "plan":
@@ -128,18 +133,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
     state = metafunc.config.stash[STATE]
     where = f"{metafunc.definition.nodeid}: @pytest.mark.llmbench"
-    unknown = set(marker.kwargs) - MARKER_KWARGS
-    if unknown:
-        allowed = ", ".join(sorted(MARKER_KWARGS))
-        pytest.fail(
-            pytrace=False,
-            reason=f"{where}: unknown argument(s) {sorted(unknown)}; allowed: {allowed}",
-        )
+    _check_kwargs(where, marker)
     source = marker.kwargs.get("dataset", marker.args[0] if marker.args else None)
     if source is None:
         pytest.fail(pytrace=False, reason=f"{where}: needs dataset=PATH or an iterable of dicts")
-    temperatures = state.options.temperatures or marker.kwargs.get("temperatures")
-    temps: list[float | None] = [None] if not temperatures else [float(t) for t in temperatures]
+    temps = _temperatures(metafunc, marker, state)
     samples = int(marker.kwargs.get("samples", 1))
     if samples < 1:
         pytest.fail(pytrace=False, reason=f"{where}: samples must be at least 1")
@@ -182,6 +180,43 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if PARAM_FIXTURE not in metafunc.fixturenames:
         metafunc.fixturenames.append(PARAM_FIXTURE)
     metafunc.parametrize(PARAM_FIXTURE, params, indirect=True)
+
+
+def _check_kwargs(where: str, marker: pytest.Mark) -> None:
+    unknown = set(marker.kwargs) - MARKER_KWARGS
+    if unknown:
+        allowed = ", ".join(sorted(MARKER_KWARGS))
+        pytest.fail(
+            pytrace=False,
+            reason=f"{where}: unknown argument(s) {sorted(unknown)}; allowed: {allowed}",
+        )
+
+
+def _temperatures(
+    metafunc: pytest.Metafunc, marker: pytest.Mark, state: RunState
+) -> list[float | None]:
+    """The suite's temperatures (``--llm-temperatures`` first; ``[None]``: none).
+
+    Refuses, before any request, what a reasoning model would refuse request after
+    request: a temperature other than 1, an unknown ``reasoning_effort=``.
+    """
+    from .reasoning import check_effort, temperature_problem
+
+    temperatures = state.options.temperatures or marker.kwargs.get("temperatures")
+    temps: list[float | None] = [None] if not temperatures else [float(t) for t in temperatures]
+    suite = metafunc.definition.nodeid
+    problem = temperature_problem(
+        state.llm_config.model, suite, temps, from_option=bool(state.options.temperatures)
+    )
+    effort = marker.kwargs.get("reasoning_effort")
+    if effort is not None:
+        try:
+            check_effort(str(effort))
+        except ValueError as exc:
+            problem = f"{suite}: @pytest.mark.llmbench: {exc}"
+    if problem is not None:  # raised outside the except block: one message, no chain
+        pytest.fail(problem, pytrace=False)
+    return temps
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -238,7 +273,12 @@ def llm(request: pytest.FixtureRequest) -> LLMClient:
     recorder = _recorder(request.config) if state.phase == "plan" else None
     param = _param(request)
     temperature = None if param is None else param[1]
-    client = state.bound_client(request.node.nodeid, temperature, acc, recorder)
+    marker = request.node.get_closest_marker("llmbench")
+    # --llm-reasoning-effort overrides the marker, as --llm-temperatures does
+    effort = state.llm_config.reasoning_effort or (
+        marker.kwargs.get("reasoning_effort") if marker is not None else None
+    )
+    client = state.bound_client(request.node.nodeid, temperature, acc, recorder, effort)
     if state.phase == "run" and state.record_mode is not None:
         from .cassettes import case_cassette
 

@@ -37,7 +37,8 @@ class Price(NamedTuple):
     output: float
 
 
-#: USD per 1M tokens, standard processing (OpenAI list prices, 2025).
+#: USD per 1M tokens, standard processing (OpenAI list prices, 2025; gpt-5 family as of
+#: its launch, 2025-08-07).
 DEFAULT_PRICES: Mapping[str, Price] = {
     "gpt-4o-mini": Price(0.15, 0.60),
     "gpt-4o": Price(2.50, 10.00),
@@ -48,6 +49,12 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "gpt-5-mini": Price(0.25, 2.00),
     "gpt-5-nano": Price(0.05, 0.40),
     "o4-mini": Price(1.10, 4.40),
+    # o-series list prices as of 2025-08 (o3 after its June 2025 price cut); reasoning
+    # tokens are billed as output and are part of completion_tokens, so priced there once
+    "o1": Price(15.00, 60.00),
+    "o1-mini": Price(1.10, 4.40),
+    "o3": Price(2.00, 8.00),
+    "o3-mini": Price(1.10, 4.40),
     "gpt-3.5-turbo": Price(0.50, 1.50),
 }
 

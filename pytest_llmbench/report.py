@@ -241,6 +241,13 @@ _FIGURES = (
     _f("completion_tokens", "integer", "completion (output) tokens"),
     _f("total_tokens", "integer", "total tokens"),
     _f(
+        "reasoning_tokens",
+        "integer",
+        "hidden reasoning tokens of reasoning models (gpt-5, o-series): already part of "
+        "`completion_tokens`, and priced with them once",
+        required=False,
+    ),
+    _f(
         "latency_p50",
         "number|null",
         "median per-case latency in seconds (sum of the case's calls; replayed calls keep "
@@ -430,6 +437,12 @@ _CASE = (
     _f("prompt_tokens", "integer", "prompt tokens"),
     _f("completion_tokens", "integer", "completion tokens"),
     _f("total_tokens", "integer", "total tokens"),
+    _f(
+        "reasoning_tokens",
+        "integer",
+        "hidden reasoning tokens (`usage.completion_tokens_details`), part of `completion_tokens`",
+        required=False,
+    ),
     _f("latency_s", "number", "sum of the calls' latencies, seconds (as recorded)"),
     _f("requests", "integer", "HTTP requests sent in this run (`0` when all were replayed)"),
     _f("retries", "integer", "requests that were retries"),

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .tokens import output_bound, request_prompt_tokens
 
 if TYPE_CHECKING:
     from .store import StoredResponse
@@ -15,24 +16,32 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts of one response (or a sum of them)."""
+    """Token counts of one response (or a sum of them).
+
+    ``reasoning_tokens`` (``usage.completion_tokens_details.reasoning_tokens``, 0 when
+    absent) are a reasoning model's hidden tokens: already part of ``completion_tokens``.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
             self.total_tokens + other.total_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
         )
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Usage:
         u = body.get("usage") or {}
         p, c = int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
-        return cls(p, c, int(u.get("total_tokens") or p + c))
+        details = u.get("completion_tokens_details") or {}
+        reasoning = int(details.get("reasoning_tokens") or 0) if isinstance(details, Mapping) else 0
+        return cls(p, c, int(u.get("total_tokens") or p + c), reasoning)
 
 
 @dataclass(frozen=True)
@@ -165,19 +174,17 @@ class ClientStats:
             return out
 
 
-def estimate_tokens(body: Mapping[str, Any], default_max_tokens: int) -> int:
-    """Offline estimate of what a request counts toward TPM: ~chars/4 + per-message
-    overhead + n x max_tokens. The real ``usage`` corrects it afterwards."""
-    chars = 0
-    messages = body.get("messages") or []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(str(p.get("text", ""))) for p in content if isinstance(p, Mapping))
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
-    return math.ceil(chars / 4) + 4 * len(messages) + 3 + int(body.get("n") or 1) * int(limit)
+def estimate_tokens(
+    body: Mapping[str, Any], default_max_tokens: int, prompt_tokens: int | None = None
+) -> int:
+    """What a request counts toward TPM, before it is sent: its prompt tokens (exact with
+    the ``tokens`` extra, else ~chars/4 + per-message overhead: ``tokens.py``; pass them
+    when already counted) plus n x max_tokens. The real ``usage`` corrects it afterwards."""
+    bound = output_bound(body)
+    if bound is None:
+        bound = int(body.get("n") or 1) * default_max_tokens
+    prompt = request_prompt_tokens(body) if prompt_tokens is None else prompt_tokens
+    return prompt + bound
 
 
 @dataclass

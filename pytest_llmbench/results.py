@@ -67,6 +67,8 @@ class CaseResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # hidden reasoning of reasoning models: already part of completion_tokens (and its cost)
+    reasoning_tokens: int = 0
     latency_s: float = 0.0
     requests: int = 0
     retries: int = 0
@@ -383,6 +385,7 @@ class SuiteSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    reasoning_tokens: int = 0  # included in completion_tokens
     latency_p50: float | None = None
     latency_p95: float | None = None
     requests: int = 0
@@ -443,6 +446,7 @@ def _summarize_group(
     for c in cases:
         if c.prompt_tokens == 0 and c.completion_tokens == 0:
             continue
+        # completion_tokens include the reasoning tokens: they are priced here, once
         usd = prices.cost(c.model, c.prompt_tokens, c.completion_tokens, batch=c.batch)
         if usd is None:
             unpriced.add(c.model or "<unknown model>")
@@ -461,6 +465,7 @@ def _summarize_group(
             prompt_tokens=sum(c.prompt_tokens for c in cases),
             completion_tokens=sum(c.completion_tokens for c in cases),
             total_tokens=sum(c.total_tokens for c in cases),
+            reasoning_tokens=sum(c.reasoning_tokens for c in cases),
             requests=sum(c.requests for c in cases),
             retries=sum(c.retries for c in cases),
             rate_limited=sum(c.rate_limited for c in cases),
@@ -515,6 +520,7 @@ def pool(
             prompt_tokens=sum(r.prompt_tokens for r in rows),
             completion_tokens=sum(r.completion_tokens for r in rows),
             total_tokens=sum(r.total_tokens for r in rows),
+            reasoning_tokens=sum(r.reasoning_tokens for r in rows),
             requests=sum(r.requests for r in rows),
             retries=sum(r.retries for r in rows),
             rate_limited=sum(r.rate_limited for r in rows),
@@ -596,13 +602,14 @@ def format_analysis(
     total when several rows were), then what could not be compared: new and missing
     items, rows the baseline lacks and (given ``baseline``, the run-level comparison)
     the baseline's rows this run lacks. A line longer than about 120 columns wraps.
+    A run of reasoning models first gets a line on their hidden reasoning tokens.
     """
     labels = [
         label if s.temperature is None else f"{label}@{s.temperature:g}"
         for label, s in zip(_labels(summaries), summaries, strict=True)
     ]
     rows = list(zip(labels, summaries, strict=True))
-    parts: list[list[str]] = []
+    parts: list[list[str]] = [_reasoning_parts(total)] if total.reasoning_tokens else []
     parts += [_consistency_parts(lb, s.consistency) for lb, s in rows if s.consistency]
     parts += [_flips_parts(lb, s.flips) for lb, s in rows if s.flips and s.flips.items]
     compared = [(lb, s.baseline) for lb, s in rows if s.baseline is not None]
@@ -612,6 +619,16 @@ def format_analysis(
     if compared or baseline is not None:
         parts += _uncompared(rows, baseline)
     return [line for p in parts for line in _wrap(p)]
+
+
+def _reasoning_parts(total: SuiteSummary) -> list[str]:
+    share = total.reasoning_tokens / total.completion_tokens if total.completion_tokens else 0.0
+    return [
+        "llmbench reasoning:",
+        f"{total.reasoning_tokens:,} of {total.completion_tokens:,} output tokens",
+        f"({share * 100:.0f}%) were hidden reasoning,",
+        "counted in tok out and priced as output once",
+    ]
 
 
 def _consistency_parts(label: str, c: Consistency) -> list[str]:

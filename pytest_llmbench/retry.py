@@ -4,7 +4,10 @@ The SDK's own retries are off (``max_retries=0``) so that every attempt passes t
 the shared budget; tenacity runs the attempts. The wait honours, in this order:
 ``x-should-retry``, ``retry-after-ms``, ``retry-after`` (seconds or HTTP date), the
 ``x-ratelimit-reset-*`` header of the exhausted limit, then exponential backoff with
-full jitter, capped.
+full jitter, capped. A gateway (LiteLLM) that passes these on only as
+``llm_provider-retry-after-ms`` and the like is honoured too; the plain headers win when
+both are there. Its 429 body (``type: throttling_error``, ``code: "429"``) is a rate
+limit like ``rate_limit_exceeded``: only the quota codes make a 429 final.
 """
 
 from __future__ import annotations
@@ -30,19 +33,27 @@ QUOTA_CODES = frozenset(
 UNSUPPORTED_CODES = frozenset({"unsupported_parameter", "unsupported_value"})
 #: HTTP statuses that are retried (besides timeouts and dropped connections).
 RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+#: how a LiteLLM-style gateway passes on the upstream's retry and reset headers
+GATEWAY_PREFIX = "llm_provider-"
 
 
 def retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
-    """Seconds the server asks us to wait, from ``retry-after-ms`` or ``retry-after``."""
+    """Seconds the server asks us to wait, from ``retry-after-ms`` or ``retry-after``;
+    a gateway's ``llm_provider-`` copies of them when neither is there."""
     if not headers:
         return None
-    raw_ms = headers.get("retry-after-ms")
+    plain = _retry_after(headers, "", now)
+    return plain if plain is not None else _retry_after(headers, GATEWAY_PREFIX, now)
+
+
+def _retry_after(headers: Mapping[str, str], prefix: str, now: float | None) -> float | None:
+    raw_ms = headers.get(prefix + "retry-after-ms")
     if raw_ms:
         try:
             return max(0.0, float(raw_ms) / 1000.0)
         except ValueError:
             pass
-    raw = headers.get("retry-after")
+    raw = headers.get(prefix + "retry-after")
     if raw:
         try:
             return max(0.0, float(raw))
@@ -69,6 +80,8 @@ def reset_wait(headers: Mapping[str, str] | None, tokens_needed: int = 1) -> flo
         except (KeyError, ValueError):
             continue
         reset = parse_duration(headers.get(f"x-ratelimit-reset-{dim}"))
+        if reset is None:  # a gateway passes it on only under its prefix
+            reset = parse_duration(headers.get(f"{GATEWAY_PREFIX}x-ratelimit-reset-{dim}"))
         if reset is None or remaining >= need:
             continue
         used = max(1, limit - remaining)

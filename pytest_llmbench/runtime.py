@@ -25,6 +25,9 @@ from .journal import FetchEnd, JournalReader, RunStop, Verdict, journal_path, st
 from .results import CaseResult
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from .spend import CostCap
     from .store import ResponseStore
 
 #: A fake key used against the built-in simulator; obviously not a secret.
@@ -50,6 +53,8 @@ PATH_OPTIONS = (
 
 def stop_message(reason: str) -> str:
     """The one line a fatal refusal ends the session with."""
+    if "run the same command" in reason:  # the reason says what to do (--llm-max-cost)
+        return f"llmbench: {reason}"
     return f"llmbench: {reason} (stored answers are kept: fix it and run the same command)"
 
 
@@ -77,6 +82,7 @@ class CaseAccumulator:
         case.prompt_tokens += r.usage.prompt_tokens
         case.completion_tokens += r.usage.completion_tokens
         case.total_tokens += r.usage.total_tokens
+        case.reasoning_tokens += r.usage.reasoning_tokens
         case.latency_s += r.latency
         case.model = r.model or case.model
         case.response = r.text
@@ -202,6 +208,8 @@ class RunState:
         if isinstance(verdict, FetchEnd):
             if verdict.status == "fatal":
                 raise LLMCallError(verdict.reason, attempts=0, fatal=True)
+            if verdict.status == "stopped":  # --llm-max-cost: not sent, not a failure
+                raise RunStopped(verdict.reason)
             raise RunStopped("the run was interrupted while this answer was on its way")
         return verdict is Verdict.SETTLED
 
@@ -229,10 +237,46 @@ class RunState:
     def client(self) -> LLMClient:
         if self._client is None:
             self._client = LLMClient(self.llm_config)
+            self._client.shared.cost_cap = self.cost_cap()
         return self._client
 
+    def cost_cap(self, on_stop: Callable[[str], None] | None = None) -> CostCap | None:
+        """The ``--llm-max-cost`` cap on the run's shared spend (``spend.py``), or None.
+        ``on_stop(reason)`` runs when it stops the run (default: trip the stop file)."""
+        if self.options.max_cost is None or self.phase != "run":
+            return None
+        from .pricing import PriceTable
+        from .spend import CostCap
+
+        try:
+            path = self.options.prices
+            prices = PriceTable.load(path) if path is not None else PriceTable()
+        except ConfigError as exc:
+            raise pytest.UsageError(f"--llm-prices: {exc}") from None
+        return CostCap(
+            self.options.max_cost,
+            prices,
+            self.store,
+            self.run_token,
+            default_max_tokens=self.llm_config.max_tokens,
+            on_stop=on_stop or self.stop.trip,
+        )
+
+    def add_batch_cost(self, request: Mapping[str, Any], answer: Mapping[str, Any]) -> None:
+        """A Batch API answer arrived: its cost (half price) counts toward the cap."""
+        cap = self.client.shared.cost_cap
+        if cap is not None:
+            usage = answer.get("usage") or {}
+            p, c = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            cap.add(cap.prices.cost(str(request.get("model") or ""), p, c, batch=True) or 0.0)
+
     def bound_client(
-        self, nodeid: str, temperature: float | None, acc: CaseAccumulator, record: Any = None
+        self,
+        nodeid: str,
+        temperature: float | None,
+        acc: CaseAccumulator,
+        record: Any = None,
+        reasoning_effort: str | None = None,
     ) -> LLMClient:
         context = CallContext(
             nodeid=nodeid,
@@ -250,7 +294,9 @@ class RunState:
             await_answer=self.await_answer if self.phase == "run" else None,
             stopped=self.stopped,
         )
-        defaults = {} if temperature is None else {"temperature": temperature}
+        defaults: dict[str, Any] = {} if temperature is None else {"temperature": temperature}
+        if reasoning_effort is not None:
+            defaults["reasoning_effort"] = reasoning_effort
         return self.client.bind(context=context, **defaults)
 
     def close(self) -> None:

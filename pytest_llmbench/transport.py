@@ -41,10 +41,13 @@ from .config import LLMConfig
 from .errors import ConfigError, LLMCallError, RunStopped
 from .response import Answer, ClientStats, Usage, estimate_tokens
 from .retry import BackoffPolicy, as_mapping, describe, is_retryable
+from .tokens import request_prompt_tokens
 
 if TYPE_CHECKING:
     import httpx2
     import openai
+
+    from .spend import CostCap
 
 
 def budget_for(config: LLMConfig, model: str) -> Budget:
@@ -74,6 +77,7 @@ class Shared:
         if budget is not None:
             self._budgets[config.model] = budget
         self._owns_budgets = budget is None
+        self.cost_cap: CostCap | None = None  # --llm-max-cost (spend.py), set by the plugin
         self._lock = threading.Lock()
         self._sync: openai.OpenAI | None = None
         self.policy = BackoffPolicy(
@@ -143,13 +147,16 @@ class Shared:
 
     def _call(self, body: dict[str, Any], stats: ClientStats, on_answer: OnAnswer | None) -> Call:
         model = str(body["model"])
+        prompt = request_prompt_tokens(body)  # counted once: the budget's and the cap's
         return Call(
             self,
             model,
-            estimate_tokens(body, self.config.max_tokens),
+            estimate_tokens(body, self.config.max_tokens, prompt),
             self.budget(model),
             stats,
             on_answer,
+            cap=self.cost_cap,
+            prompt=prompt,
         )
 
     def send(
@@ -157,6 +164,9 @@ class Shared:
     ) -> Answer:
         call = self._call(body, stats, on_answer)
         client = self.sync_client()
+        if call.cap is not None:
+            # may stop the run (RunStopped): then it is not sent
+            call.cost = call.cap.reserve(body, call.prompt)
         try:
             try:
                 return self._attempt(call, body, client)
@@ -168,6 +178,8 @@ class Shared:
                     return self._attempt(call, body, client)
         except Exception as exc:
             raise call.give_up(exc) from None
+        finally:
+            call.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _attempt(self, call: Call, body: dict[str, Any], client: openai.OpenAI) -> Answer:
@@ -199,6 +211,9 @@ class Shared:
         import openai
 
         call = self._call(body, stats, on_answer)
+        if call.cap is not None:
+            # may stop the run (RunStopped): then it is not sent
+            call.cost = await call.cap.areserve(body, call.prompt)
         own = client is None
         aclient = client or openai.AsyncOpenAI(**self.client_kwargs())
         try:
@@ -215,6 +230,7 @@ class Shared:
         except Exception as exc:
             raise call.give_up(exc) from None
         finally:
+            call.release()
             if own:
                 await aclient.close()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -306,6 +322,9 @@ class Call:
     attempts: int = 0
     limited: int = 0
     started: float = 0.0
+    cap: CostCap | None = None
+    cost: float = 0.0  # USD reserved under the cost cap until the answer settles it
+    prompt: int = 0  # prompt tokens, counted as the API counts them (tokens.py)
 
     def begin(self) -> int:
         """Count an attempt; returns the tokens to reserve for it."""
@@ -350,9 +369,18 @@ class Call:
             # answer is only the store's own fsync
             self.on_answer(answer)
         usage = Usage.from_body(body)
+        if self.cap is not None:
+            self.cap.settle(self.cost, self.model, body.get("usage") or {})
+            self.cost = 0.0
         settle(self.budget, RateLimitSnapshot.from_headers(headers), self.est, usage.total_tokens)
         self.stats.add(self.model, requests=1, calls=1, retries=self.attempts - 1, usage=usage)
         return answer
+
+    def release(self) -> None:
+        """A call that ended unanswered (refused, failed, not sent) costs nothing."""
+        if self.cap is not None and self.cost:
+            cost, self.cost = self.cost, 0.0
+            self.cap.release(cost)
 
     def give_up(self, exc: BaseException) -> LLMCallError:
         self.stats.add(self.model, errors=1, retries=max(0, self.attempts - 1))

@@ -65,7 +65,10 @@ def test_pyproject_ini_and_env_model(
         (["--llm-budget", "memcached://x"], "*--llm-budget: *redis://*"),
         (["--llm-gate", "suite:bogus>=1"], "*--llm-gate: *"),
         (["--llm-limit", "0"], "*--llm-limit: must be at least 1*"),
-        (["--llm-sim-config", "missing.json", "--llm-sim"], "*--llm-sim-config: missing.json: cannot read*"),
+        (
+            ["--llm-sim-config", "missing.json", "--llm-sim"],
+            "*--llm-sim-config: missing.json: cannot read*",
+        ),
     ],
 )
 def test_bad_values_are_usage_errors_naming_the_option(

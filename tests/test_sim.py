@@ -33,6 +33,7 @@ from pytest_llmbench.sim import (
     go_duration,
     load_answer_key,
     prompt_tokens,
+    text_tokens,
 )
 from pytest_llmbench.sim.__main__ import build_parser, config_from_args
 from pytest_llmbench.sim.__main__ import main as cli_main
@@ -346,6 +347,110 @@ def test_missing_messages_and_unknown_argument(start, client) -> None:
     assert "Unrecognized request argument supplied: colour" in unknown.value.message
 
 
+# -- reasoning models ------------------------------------------------------------------
+
+REASONING = "gpt-5-mini"
+#: every model the brief names, dated snapshots and a gateway's provider/ prefix
+REASONING_NAMES = [
+    *("gpt-5", "gpt-5-mini", "gpt-5-nano", "o1", "o3", "o3-mini", "o4-mini"),
+    *("gpt-5-2025-08-07", "gpt-5.1", "o1-preview", "openai/gpt-5-mini", "GPT-5"),
+]
+OTHER_NAMES = ["gpt-4o-mini", "gpt-4.1", "gpt-5-chat-latest", "gpt-50", "o10", "davinci-o1"]
+
+
+def reason(c: openai.OpenAI, **kwargs: Any) -> Any:
+    question = "What is the capital of imaginary country number 1?"
+    args: dict[str, Any] = {"model": REASONING, "messages": ask(question)}
+    return c.chat.completions.create(**(args | kwargs))
+
+
+def test_reasoning_families_are_the_clients() -> None:
+    from pytest_llmbench.reasoning import is_reasoning_model
+
+    config = SimConfig()
+    assert all(config.is_reasoning(m) and is_reasoning_model(m) for m in REASONING_NAMES)
+    assert not any(config.is_reasoning(m) or is_reasoning_model(m) for m in OTHER_NAMES)
+    served = {"gpt-5", "gpt-5-mini", "gpt-5-nano", "o1", "o3", "o3-mini", "o4-mini"}
+    assert served <= set(config.models)
+
+
+def test_reasoning_models_refuse_max_tokens_and_temperature(start, client) -> None:
+    c = client(start(answer_key=questions(2)))
+    with pytest.raises(openai.BadRequestError) as max_tokens:
+        reason(c, max_tokens=50)
+    assert (max_tokens.value.param, max_tokens.value.code) == (
+        "max_tokens",
+        "unsupported_parameter",
+    )
+    assert "Use 'max_completion_tokens' instead" in max_tokens.value.message
+    with pytest.raises(openai.BadRequestError) as temperature:
+        reason(c, temperature=0.2)
+    assert (temperature.value.param, temperature.value.code) == ("temperature", "unsupported_value")
+    assert "does not support 0.2" in temperature.value.message
+    assert reason(c, temperature=1, max_completion_tokens=1000).choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("effort", "hidden"),
+    [("none", 0), ("minimal", 16), ("low", 64), ("medium", 192), ("high", 512), (None, 192)],
+)
+def test_reasoning_tokens_by_effort_are_part_of_completion_tokens(
+    start, client, effort: str | None, hidden: int
+) -> None:
+    c = client(start(answer_key=questions(2)))
+    extra = {} if effort is None else {"reasoning_effort": effort}
+    completion = reason(c, max_completion_tokens=2000, n=2, **extra)
+    usage = completion.usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == 2 * hidden
+    visible = sum(text_tokens(ch.message.content or "") for ch in completion.choices)
+    assert visible > 0 and all(ch.finish_reason == "stop" for ch in completion.choices)
+    assert usage.completion_tokens == 2 * hidden + visible
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_a_budget_the_reasoning_uses_up_gives_empty_content(start, client) -> None:
+    c = client(start(answer_key=questions(2), reasoning_tokens_per_effort={"high": 300}))
+    spent = reason(c, reasoning_effort="high", max_completion_tokens=256)
+    assert spent.choices[0].message.content == ""
+    assert spent.choices[0].finish_reason == "length"
+    assert spent.usage is not None and spent.usage.completion_tokens_details is not None
+    assert spent.usage.completion_tokens == 256
+    assert spent.usage.completion_tokens_details.reasoning_tokens == 256
+    # what the reasoning leaves over bounds the visible answer (City1, Town1a: 2 tokens)
+    cut = reason(c, reasoning_effort="high", max_completion_tokens=301)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.content in ("City", "Town")
+    assert cut.usage is not None and cut.usage.completion_tokens == 301
+
+
+def test_reasoning_effort_is_checked_like_the_apis(start, client) -> None:
+    c = client(start())
+    with pytest.raises(openai.BadRequestError) as bad:
+        reason(c, reasoning_effort="extreme")
+    assert (bad.value.param, bad.value.code) == ("reasoning_effort", "invalid_value")
+    assert "'extreme'" in bad.value.message and "'minimal'" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as other:
+        reason(c, model=MODEL, reasoning_effort="low")
+    assert (other.value.param, other.value.code) == ("reasoning_effort", "unsupported_parameter")
+
+
+def test_batch_lines_of_reasoning_models_report_reasoning_tokens(start, client) -> None:
+    sim = start(answer_key=questions(3), **FAST_BATCH)
+    c = client(sim)
+    lines = batch_lines(questions(3), model=REASONING)
+    for line in lines:
+        line["body"] = {k: v for k, v in line["body"].items() if k != "temperature"}
+        line["body"]["reasoning_effort"] = "low"
+    final = settle(c, submit(c, lines).id)
+    output = read_jsonl(c, final.output_file_id)
+    assert final.status == "completed" and len(output) == 3
+    for o in output:
+        usage = o["response"]["body"]["usage"]
+        assert usage["completion_tokens_details"]["reasoning_tokens"] == 64
+        assert usage["completion_tokens"] > 64
+
+
 # -- rate limits -------------------------------------------------------------------------
 
 
@@ -413,7 +518,7 @@ def test_limits_are_paced_per_second_not_per_minute(start, client) -> None:
 
 def test_tpm_limit_and_request_too_large(start, client) -> None:
     # Given 6000 TPM: 100 tokens per second of capacity; each request reserves prompt + 50
-    sim = start(tpm=6000)
+    sim = start(tpm=6000, tokenizer="estimate")  # chars/4: the arithmetic below
     c = client(sim)
     messages = [{"role": "user", "content": "hi"}]  # 1 + 4 prompt tokens
     first = c.chat.completions.with_raw_response.create(
@@ -437,7 +542,7 @@ def test_tpm_limit_and_request_too_large(start, client) -> None:
 
 
 def test_default_max_tokens_counts_toward_tpm(start, client) -> None:
-    sim = start(tpm=60_000, default_max_tokens=100)
+    sim = start(tpm=60_000, default_max_tokens=100, tokenizer="estimate")
     raw = client(sim).chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2
     )

@@ -40,7 +40,13 @@ FATAL: dict[str, tuple[dict[str, Any], list[str], str]] = {
     "403 no access": ({"forbidden_models": ["gpt-4o-mini"]}, [], "(403)"),
     "429 quota": ({"quota_exceeded": True}, [], "insufficient_quota"),
     "404 model": ({}, ["--llm-model", "gpt-9-nonexistent"], "(404)"),
-    "400 parameter": ({}, ["--llm-model", "gpt-5-mini"], "does not accept parameter"),
+    # a reasoning model the client does not know by name (gpt-5 itself is refused at
+    # collection): the API's first refusal of temperature 0 stops the run
+    "400 parameter": (
+        {"models": ["acme-reasoner-1"], "reasoning_models": ["acme-reasoner"]},
+        ["--llm-model", "acme-reasoner-1"],
+        "does not accept parameter",
+    ),
 }
 
 

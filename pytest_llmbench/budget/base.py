@@ -284,6 +284,12 @@ def observe(state: BudgetState, limits: Limits, snap: RateLimitSnapshot, now: fl
     )
 
 
+def learned(state: BudgetState) -> bool:
+    """Whether a server has reported a limit (``x-ratelimit-limit-*``) to this budget; a
+    server without those headers leaves an unconfigured budget unlimited."""
+    return state.requests_server_limit is not None or state.tokens_server_limit is not None
+
+
 def pause(state: BudgetState, limits: Limits, seconds: float, now: float) -> None:
     """Stop every process until ``now + seconds`` and drop any banked burst (after a 429)."""
     _refill(state, limits, now)
@@ -346,6 +352,11 @@ class BaseBudget:
     def correct(self, reserved_tokens: int, actual_tokens: int) -> None:
         raise NotImplementedError
 
+    def learned_limits(self) -> bool | None:
+        """Whether the shared state holds a limit a server reported (any process's
+        observation counts); None when this budget cannot tell."""
+        return None
+
     def close(self) -> None:
         """Release resources; the shared state stays for other processes."""
 
@@ -373,6 +384,9 @@ class NullBudget(BaseBudget):
 
     def pause(self, seconds: float) -> None:
         pass
+
+    def learned_limits(self) -> bool:
+        return False
 
     def __repr__(self) -> str:
         return "NullBudget()"
@@ -411,6 +425,10 @@ class MemoryBudget(BaseBudget):
     def pause(self, seconds: float) -> None:
         with self._lock:
             pause(self.state, self.limits, seconds, self._clock())
+
+    def learned_limits(self) -> bool:
+        with self._lock:
+            return learned(self.state)
 
     def __repr__(self) -> str:
         lim = self.limits

@@ -246,6 +246,9 @@ class FileBudget(BaseBudget):
         with self._locked():
             return self._read()
 
+    def learned_limits(self) -> bool:
+        return base.learned(self.state())
+
     def close(self) -> None:
         """Close the lock file (it is opened again if the budget is used again)."""
         with self._thread_lock:

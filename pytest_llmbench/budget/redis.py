@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import BudgetError
-from .base import BaseBudget, BudgetState, Clock, Limits, RateLimitSnapshot, Sleep, mask_url
+from .base import (
+    BaseBudget,
+    BudgetState,
+    Clock,
+    Limits,
+    RateLimitSnapshot,
+    Sleep,
+    learned,
+    mask_url,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -245,6 +254,9 @@ class RedisBudget(BaseBudget):
         """The shared state as stored (for diagnostics and tests); changes nothing."""
         raw = self._call(lambda c: c.hgetall(self.key))
         return BudgetState.from_fields({_text(k): v for k, v in dict(raw).items()})
+
+    def learned_limits(self) -> bool:
+        return learned(self.state())
 
     def __repr__(self) -> str:
         lim = self.limits

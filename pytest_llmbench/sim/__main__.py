@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--answer-key", metavar="PATH", help="answer key (JSON list or JSONL)")
     p.add_argument(
+        "--tokenizer",
+        choices=("exact", "estimate"),
+        help="prompt tokens: exact (needs pytest-llmbench[tokens]; its default) or chars/4",
+    )
+    p.add_argument(
         "--quota-exceeded",
         action="store_true",
         default=None,
@@ -111,6 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-max-requests", type=_positive(int))
     p.add_argument("--batch-enqueued-token-limit", type=_positive(int))
     p.add_argument("--batch-line-error-rate", type=float)
+    p.add_argument(
+        "--gateway",
+        action="store_true",
+        default=None,
+        help="429s as a LiteLLM proxy rewrites them (throttling_error, llm_provider-* headers)",
+    )
+    p.add_argument(
+        "--no-rate-limit-headers",
+        dest="rate_limit_headers",
+        action="store_false",
+        default=None,
+        help="send no x-ratelimit-* headers (like llama.cpp's server)",
+    )
+    p.add_argument(
+        "--no-batch-api",
+        dest="batch_api",
+        action="store_false",
+        default=None,
+        help="answer /v1/files and /v1/batches with 404 (no Files or Batch API)",
+    )
     return p
 
 
@@ -144,6 +169,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         "batch_max_requests",
         "batch_enqueued_token_limit",
         "batch_line_error_rate",
+        "gateway",
+        "rate_limit_headers",
+        "batch_api",
     ]
     for name in direct:
         value = getattr(args, name)

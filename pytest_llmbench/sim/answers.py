@@ -1,10 +1,12 @@
 """Answer key, deterministic answers and token counting.
 
-Token counting (documented approximation, no tokenizer): a text of ``c`` characters is
-``ceil(c / 4)`` tokens. A request's prompt is ``ceil(C / 4) + 4·m`` tokens, where ``C`` is the
-number of characters of all message contents (text parts of list contents included) and ``m``
-the number of messages: the same estimate the project's client uses, so client and server
-agree. A completion is ``ceil(len(answer) / 4)`` tokens per choice.
+Token counting: a request's prompt tokens are counted by the project's own counter
+(``pytest_llmbench.tokens``, the client's), as the ``tokenizer`` setting says: ``exact``
+(OpenAI's encodings and per-message overhead; the default when the ``tokens`` extra is
+installed) or ``estimate`` (``ceil(C / 4) + 4·m`` for ``C`` characters of content in ``m``
+messages). Either way client and server agree. A completion is ``ceil(len(answer) / 4)``
+tokens per choice (a documented approximation: answers are cut at ``4·max_tokens``
+characters).
 
 Answers: the question whose text appears in the request's user messages (longest match wins)
 is answered correctly with probability p(T) = clamp(p_correct - slope·T, 0, 1), otherwise
@@ -24,10 +26,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..tokens import Tokenizer, content_text
+from ..tokens import prompt_tokens as count_prompt_tokens
 from .config import AnswerItem
 
 CHARS_PER_TOKEN = 4
-TOKENS_PER_MESSAGE = 4
 
 # A line such as "Question: ..." or "Q3) ..." is looked up without its label as well.
 _LABEL = re.compile(r"^\s*(?:[A-Za-z][\w ]{0,24}[:)]|\d{1,6}[.)])\s*")
@@ -38,24 +41,18 @@ _FILLER_OBJECTS = ("this prompt", "the question asked", "the request", "this inp
 
 
 def text_tokens(text: str) -> int:
-    """Tokens of ``text``: ``ceil(len(text) / 4)``."""
+    """Completion tokens of ``text``: ``ceil(len(text) / 4)``."""
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def content_text(content: Any) -> str:
-    """The text of a message's ``content``: a string, or the ``text`` of its parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
-        return "".join(p for p in parts if isinstance(p, str))
-    return ""
-
-
-def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Prompt tokens of a message list: ``ceil(chars / 4) + 4 * len(messages)``."""
-    chars = sum(len(content_text(m.get("content"))) for m in messages)
-    return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
+def prompt_tokens(
+    messages: Sequence[Mapping[str, Any]],
+    model: str | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> int:
+    """Prompt tokens of a message list, counted as the client counts them (exact when the
+    ``tokens`` extra is installed, unless ``tokenizer`` says ``estimate``)."""
+    return count_prompt_tokens(messages, model, tokenizer)
 
 
 def canonical_body(body: Mapping[str, Any]) -> str:

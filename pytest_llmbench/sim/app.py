@@ -23,7 +23,7 @@ from .batches import BatchManager
 from .chat import answer_chat, completion_object, request_id, validate_chat
 from .errors import SimAPIError
 from .files import PURPOSES, FileStore
-from .limits import rate_limit_message, retry_after_headers
+from .limits import adapt_headers, rate_limit_message, retry_after_headers
 from .state import SimState
 
 STATE: web.AppKey[SimState] = web.AppKey("state", SimState)
@@ -58,12 +58,16 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     started = time.monotonic()
     state = request.app[STATE]
     api = request.path.startswith("/v1")
+    cfg = state.config
     if api:
         state.count("requests_total")
     try:
-        response = await handler(request)
+        missing = None if cfg.batch_api else no_batch_api(request)
+        response = missing if missing is not None else await handler(request)
     except SimAPIError as exc:
-        response = json_response(exc.body(), exc.status, exc.headers)
+        gateway = cfg.gateway and exc.status == 429 and exc.code == "rate_limit_exceeded"
+        body = errors.gateway_body(exc) if gateway else exc.body()
+        response = json_response(body, exc.status, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -76,7 +80,19 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         response.headers["openai-processing-ms"] = str(int((time.monotonic() - started) * 1000))
         response.headers["openai-organization"] = state.config.organization
         response.headers["openai-version"] = "2020-10-01"
+        adapt_headers(
+            response.headers, gateway=cfg.gateway, rate_limit_headers=cfg.rate_limit_headers
+        )
     return response
+
+
+def no_batch_api(request: web.Request) -> web.Response | None:
+    """``batch_api`` off: the Files and Batch APIs are missing, as on llama.cpp's server
+    (FastAPI's bare 404), before the key is even looked at."""
+    path = request.path
+    if path.startswith(("/v1/files", "/v1/batches")):
+        return json_response({"detail": "Not Found"}, 404)
+    return None
 
 
 def check_key(request: web.Request, state: SimState) -> None:

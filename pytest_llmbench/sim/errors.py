@@ -55,6 +55,13 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def gateway_body(error: SimAPIError) -> dict[str, Any]:
+    """A rate-limit 429 as a LiteLLM proxy passes it on: the upstream's message wrapped,
+    ``type`` ``throttling_error`` and ``code`` ``"429"`` (a string)."""
+    message = f"litellm.RateLimitError: RateLimitError: OpenAIException - {error.message}"
+    return error_body(message, "throttling_error", error.param, "429")
+
+
 def mask_key(key: str) -> str:
     """Mask an API key like the API does (``sk-te****1234``): at most 4 trailing characters.
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -191,3 +191,30 @@ def retry_after_headers(seconds: float) -> dict[str, str]:
     """``retry-after-ms`` (rounded up) and ``retry-after`` (whole seconds, rounded up)."""
     ms = max(1, math.ceil(seconds * 1000 - 1e-6))
     return {"retry-after-ms": str(ms), "retry-after": str(max(1, math.ceil(ms / 1000)))}
+
+
+#: how a LiteLLM-style gateway passes on the upstream's retry and reset headers
+GATEWAY_PREFIX = "llm_provider-"
+GATEWAY_MOVED = (
+    "retry-after",
+    "retry-after-ms",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+)
+
+
+def adapt_headers(
+    headers: MutableMapping[str, str], *, gateway: bool, rate_limit_headers: bool
+) -> None:
+    """Make a response's headers those of another kind of server, in place: without
+    ``rate_limit_headers`` no ``x-ratelimit-*`` at all (llama.cpp's server); as a
+    ``gateway`` the retry and reset headers only under ``llm_provider-`` (a LiteLLM proxy,
+    which keeps ``x-ratelimit-limit-*`` and ``x-ratelimit-remaining-*`` as they are)."""
+    if not rate_limit_headers:
+        for name in [n for n in headers if n.lower().startswith("x-ratelimit-")]:
+            del headers[name]
+    if gateway:
+        for name in GATEWAY_MOVED:
+            value = headers.pop(name, None)
+            if value is not None:
+                headers[GATEWAY_PREFIX + name] = value
