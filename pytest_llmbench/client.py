@@ -15,7 +15,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .concurrency import Concurrency
 from .config import LLMConfig
 from .errors import LLMCallError, LLMPending, RunStopped
 from .reasoning import is_reasoning_model
@@ -310,7 +309,6 @@ class LLMClient:
         *,
         scope: Callable[[T], AbstractContextManager[None]] | None = None,
         stop: threading.Event | None = None,
-        gate: Concurrency | None = None,
     ) -> None:
         """Send the request ``body(item)`` of every item concurrently, within the budget.
 
@@ -324,11 +322,9 @@ class LLMClient:
         any bookkeeping (save it there); ``on_error(item, error)`` when a request failed
         for good. ``scope(item)`` wraps the sending of one item (cassettes file requests
         under their case with it). Once ``stop`` is set no new request starts (those in
-        flight finish and are handed over as usual). ``gate`` is the limit on requests in
-        flight (``concurrency.py``; by default an adaptive one up to ``max_concurrency``,
-        or a fixed one with ``fixed_concurrency``); pass one to read what it settled on.
+        flight finish and are handed over as usual).
         """
-        runner = Runner(self.shared, self.stats, body, on_answer, on_error, scope, stop, gate)
+        runner = Runner(self.shared, self.stats, body, on_answer, on_error, scope, stop)
         await runner.run(items)
 
     def openai_client(self, *, timeout: float | None = None) -> openai.OpenAI:

@@ -493,7 +493,7 @@ def prefetch_line(stats: PrefetchStats) -> str:
         f"llmbench prefetch: planned {stats.planned} request(s) in {stats.plan_s:.1f}s, "
         f"fetched {stats.fetched} in {stats.fetch_s:.1f}s ({rate:.1f}/s), {stats.failed} "
         f"failed (a refusal fails its case, a timeout or 5xx is tried again live), "
-        f"429s {stats.rate_limited}, retries {stats.retries}, {stats.concurrency_text()}"
+        f"429s {stats.rate_limited}, retries {stats.retries}"
     )
 
 
@@ -506,8 +506,6 @@ def prefetch_report(stats: PrefetchStats) -> dict[str, Any]:
         "plan_s": round(stats.plan_s, 3),
         "fetch_s": round(stats.fetch_s, 3),
         "rate_limited": stats.rate_limited,
-        "concurrency": stats.concurrency,
-        "concurrency_adaptive": stats.concurrency_adaptive,
     }
 
 

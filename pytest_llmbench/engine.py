@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .cassettes import case_scope, fetch_cassette
-from .concurrency import Concurrency
 from .errors import LLMCallError
 from .journal import JournalWriter, journal_path
 from .plan import (
@@ -151,8 +150,6 @@ class Fetch:
         self.progress = Progress(config, "llmbench prefetch", total=0, rpm=rpm, live=live_line)
         self.client: LLMClient = LLMClient(state.llm_config)
         self.client.shared.cost_cap = state.cost_cap(on_stop=self.cap_reached)
-        cfg = state.llm_config
-        self.gate = Concurrency(cfg.max_concurrency, adaptive=not cfg.fixed_concurrency)
         self.stopping = threading.Event()  # no new request starts
         self.under_way = threading.Event()  # the first request is planned, or none will be
         self.journal: JournalWriter | None = None
@@ -218,9 +215,7 @@ class Fetch:
     def stats(self) -> PrefetchStats | None:
         if not self.progress.total:
             return None
-        gate = self.gate
-        settled = (gate.settled, gate.adaptive, gate.maximum)
-        return PrefetchStats.of(self.progress, self.plan_lead_s, self.plan_s, self.wall, settled)
+        return PrefetchStats.of(self.progress, self.plan_lead_s, self.plan_s, self.wall)
 
     # ---------------------------------------------------------------- the outcomes
     def answered(self, req: PlannedRequest, answer: Answer) -> None:
@@ -270,7 +265,6 @@ class Fetch:
             self.failed,
             scope=lambda r: case_scope(r.nodeid),
             stop=self.stopping,
-            gate=self.gate,
         )
 
     async def fetch_planned(self, todo: list[PlannedRequest]) -> None:

@@ -171,21 +171,9 @@ OPTIONS: tuple[Option, ...] = (
         "--llm-concurrency",
         "LLMBENCH_CONCURRENCY",
         "max_concurrency",
-        "requests in flight at most per process; fewer while the server's latency shows "
-        "that it queues them (see --llm-concurrency-fixed)",
+        "requests in flight at most per process",
         int,
         metavar="N",
-    ),
-    Option(
-        "llm_concurrency_fixed",
-        "--llm-concurrency-fixed",
-        "LLMBENCH_CONCURRENCY_FIXED",
-        "fixed_concurrency",
-        "keep --llm-concurrency requests in flight from the start, instead of adapting "
-        "to the server's latency (for a server that batches, such as vLLM, whose latency "
-        "rises with the load while its throughput still grows)",
-        _bool,
-        kind="flag",
     ),
     Option(
         "llm_max_retries",

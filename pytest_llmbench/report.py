@@ -214,9 +214,7 @@ _RUN = (
         "object",
         "prefetch mode only: `planned`, `fetched`, `failed` requests, `plan_lead_s` "
         "(seconds before the first request could be sent), `plan_s` (until planning "
-        "ended, overlapping the fetch), `fetch_s`, `rate_limited`, `concurrency` (the "
-        "requests in flight it settled on), `concurrency_adaptive` (false with "
-        "`--llm-concurrency-fixed`)",
+        "ended, overlapping the fetch), `fetch_s`, `rate_limited`",
         required=False,
     ),
     _f(

@@ -1,8 +1,6 @@
 """The concurrent runner behind :meth:`LLMClient.arun`: a queue of items, at most
-``max_concurrency`` in flight (fewer while the adaptive limit of ``concurrency.py`` finds
-that the server queues: the rule is in that module's docstring), slow start while the
-limits are unknown, a per-process smoother, and a stop that lets what is in flight finish
-(a fatal error, an interrupt).
+``max_concurrency`` in flight, slow start while the limits are unknown, a per-process
+smoother, and a stop that lets what is in flight finish (a fatal error, an interrupt).
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from collections.abc import AsyncIterable, Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .concurrency import Concurrency
 from .errors import LLMCallError, RunStopped
 from .response import Answer, ClientStats
 from .transport import Shared
@@ -62,16 +59,12 @@ class Runner(Generic[T]):
         on_error: Callable[[T, LLMCallError], None],
         scope: Callable[[T], AbstractContextManager[None]] | None,
         stop: threading.Event | None = None,
-        gate: Concurrency | None = None,
     ) -> None:
         self.shared, self.stats = shared, stats
         self.stop = stop or threading.Event()
         config = shared.config
         self.body, self.on_answer, self.on_error, self.scope = body, on_answer, on_error, scope
         self.workers = config.max_concurrency
-        self.gate = gate or Concurrency(
-            config.max_concurrency, adaptive=not config.fixed_concurrency
-        )
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.learned = asyncio.Event()  # set: the rest may go (limits known or learned)
         if config.rpm is not None or config.tpm is not None:
@@ -111,25 +104,21 @@ class Runner(Generic[T]):
                 if self.first_sent:
                     await self.learned.wait()
                 self.first_sent = True  # this one goes alone
-            token = await self.gate.acquire()
-            latency: float | None = None
             try:
-                latency = await self.send(aclient, item)
+                await self.send(aclient, item)
             finally:
-                self.gate.release(token, latency)
                 self.learned.set()
 
-    async def send(self, aclient: openai.AsyncOpenAI, item: T) -> float | None:
-        """Send one item; returns its answer's latency (None: no answer)."""
+    async def send(self, aclient: openai.AsyncOpenAI, item: T) -> None:
         shared, stats = self.shared, self.stats
         scope = self.scope(item) if self.scope is not None else contextlib.nullcontext()
         try:
             if self.smoother is not None:
                 await self.smoother.acquire()
             if self.stop.is_set():
-                return None
+                return
             with scope:
-                answer = await shared.asend(
+                await shared.asend(
                     self.body(item),
                     stats,
                     aclient,
@@ -137,11 +126,9 @@ class Runner(Generic[T]):
                     ready=self._ready,
                 )
         except RunStopped:
-            return None  # not sent: the run stops
+            return  # not sent: the run stops
         except LLMCallError as exc:
             self.on_error(item, exc)
-            return None
-        return answer.latency
 
     def _ready(self) -> None:
         """Called once the budget lets a request go: a stop meanwhile keeps it unsent."""

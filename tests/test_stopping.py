@@ -202,11 +202,7 @@ def test_an_interrupt_keeps_what_is_in_flight(
 def test_a_second_interrupt_exits_at_once(pytester: pytest.Pytester, api: Simulator) -> None:
     api.configure(latency={"kind": "fixed", "mean": 30.0})  # longer than the test's bound
     suite(pytester, 20)
-    # all 20 in flight at once (the adaptive limit would send one until answers come back)
-    proc = start_run(
-        pytester.path, "-n", "0", "--llm-rpm", "6000", "--llm-drain-timeout", "60",
-        "--llm-concurrency-fixed",
-    )  # fmt: skip
+    proc = start_run(pytester.path, "-n", "0", "--llm-rpm", "6000", "--llm-drain-timeout", "60")
     wait_for(lambda: api.stats()["chat_requests"] >= 20, "the requests in flight", timeout=60)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)

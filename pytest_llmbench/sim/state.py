@@ -13,8 +13,6 @@ Statistics (``GET /_sim/stats``; ``/_sim/*`` requests are not counted):
 ``quota_429``                 429 ``insufficient_quota``
 ``prompt_tokens`` / ``completion_tokens``   tokens of answered chat requests
 ``in_flight`` / ``peak_in_flight``          chat requests being handled (now / at most)
-``serving`` / ``peak_serving``              of those, past the ``parallelism`` queue (now /
-                              at most): in their latency, or answering
 ``duplicate_bodies``          answers to a body identical to one answered 200 before
 ``duplicate_body_hashes``     ``{sha256 of canonical body: times answered again}``
 ``undelivered``               answers not counted: the client had gone when they were ready
@@ -64,7 +62,6 @@ class SimState:
         self._limits: dict[str, ModelLimits] = {}
         self._storm: Storm | None = None
         self._in_flight = 0
-        self._serving = 0
         self._draws: dict[str, int] = {}
         self._answered: dict[str, int] = {}
         self._seed_rngs()
@@ -190,7 +187,6 @@ class SimState:
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "peak_in_flight": self._in_flight,
-            "peak_serving": self._serving,
             "duplicate_bodies": 0,
             "undelivered": 0,
             "duplicate_body_hashes": {},
@@ -232,18 +228,6 @@ class SimState:
             with self.lock:
                 self._in_flight -= 1
 
-    @contextmanager
-    def serving(self) -> Iterator[None]:
-        """A chat request past the ``parallelism`` queue, until its answer is ready."""
-        with self.lock:
-            self._serving += 1
-            self._stats["peak_serving"] = max(self._stats["peak_serving"], self._serving)
-        try:
-            yield
-        finally:
-            with self.lock:
-                self._serving -= 1
-
     def record_undelivered(self) -> None:
         with self.lock:
             self._stats["undelivered"] += 1
@@ -266,7 +250,6 @@ class SimState:
         with self.lock:
             out = {k: dict(v) if isinstance(v, dict) else v for k, v in self._stats.items()}
             out["in_flight"] = self._in_flight
-            out["serving"] = self._serving
             out["storm_active"] = self._storm is not None and self._storm.active(self._clock())
             out["script_left"] = len(self._config.script)
             return out
