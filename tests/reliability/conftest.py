@@ -83,7 +83,9 @@ def _rows_of(report: pytest.TestReport) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]]) -> list[str]:
     cells = [list(COLUMNS)] + [[str(v) for v in r.values()] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
