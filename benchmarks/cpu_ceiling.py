@@ -194,6 +194,10 @@ def our_config(base_url: str, run_dir: Path) -> LLMConfig:
         "api_key": FAKE_KEY,
         "base_url": base_url,
         "max_concurrency": CONCURRENCY,
+        # the raw loop's 64 in flight: against a server with no latency the client's CPU
+        # is all there is to measure, and the adaptive limit would settle where that
+        # CPU tops out (concurrency.py)
+        "fixed_concurrency": True,
         "run_dir": run_dir,
     }
     return LLMConfig.model_validate(data, context={"env": {}})

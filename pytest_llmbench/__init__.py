@@ -2,7 +2,9 @@
 
 Public API: the configuration, the client and its response, and the scoring helpers.
 Everything else is private and may change. Names are imported on first use, so that
-loading the pytest plugin (``pytest --help``) does not import the openai SDK.
+loading the pytest plugin (``pytest --help``) does not import the openai SDK. Taking the
+client or its configuration from here also loads the client's Batch API backend
+(``batch_client``, which the client, below it in the layers, cannot import itself).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'pytest_llmbench' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
+    if module in ("client", "config"):
+        # registers LLMClient.batch_generate(..., use_batch_api=True)
+        importlib.import_module(".batch_client", __name__)
     globals()[name] = value
     return value
 

@@ -37,6 +37,8 @@ class NoBatchApi(LLMCallError):
     endpoint, before anything is sent to ``/chat/completions``."""
 
     def __init__(self, base_url: str, endpoint: str) -> None:
+        self.base_url = base_url
+        self.endpoint = endpoint
         super().__init__(
             f"--batch-api: {base_url} has no Batch API ({endpoint} answered 404); "
             "run without --batch-api",

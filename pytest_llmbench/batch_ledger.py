@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .plan import PlannedRequest
+from .store import PlannedRequest  # not plan's: that one imports pytest
 
 if TYPE_CHECKING:
     from .store import ResponseStore

@@ -6,6 +6,10 @@ out of it leaves the jobs saved in the ledger and says how to resume:
 from the first wait of the invocation across every later one) and Ctrl-C. A saved job the
 API does not know (another account, a simulator that has stopped) is dropped from the
 ledger and its requests are queued again, rather than waited for forever.
+
+Nothing here needs pytest: a detach or a timeout raises :class:`BatchWaitError` (the
+plugin turns it into ``pytest.exit``, a standalone client lets it propagate), and the
+progress line is written through whatever :class:`LineWriter` the caller hands in.
 """
 
 from __future__ import annotations
@@ -13,11 +17,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import pytest
-
-from .progress import LiveLine
+from .errors import LLMBenchError
 
 if TYPE_CHECKING:
     from .batch_api import BatchApi
@@ -29,6 +31,38 @@ if TYPE_CHECKING:
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 #: the longest pause between two polls, whatever --llm-batch-poll says
 MAX_PAUSE = 60.0
+
+
+class BatchWaitError(LLMBenchError):
+    """The wait ended before every job was final: ``detach`` (after one look) or
+    ``timeout``; the jobs keep running at the API and stay saved, so the next identical
+    invocation resumes them. ``pending`` holds their ids; ``returncode`` is the exit status
+    the plugin ends pytest with (0 for a detach)."""
+
+    def __init__(
+        self, kind: Literal["detach", "timeout"], pending: str, timeout: float | None
+    ) -> None:
+        self.kind = kind
+        self.pending = pending
+        self.timeout = timeout
+        self.returncode = 0 if kind == "detach" else 1
+        if kind == "detach":
+            text = f"batch job(s) {pending} submitted and running (batch.detach)"
+        else:
+            text = f"batch job(s) {pending} not finished after the batch timeout of {timeout:g}s"
+        super().__init__(
+            f"{text}; they are saved in the run directory: the same call again waits for "
+            "them and collects the results (nothing is submitted twice)"
+        )
+
+
+class LineWriter(Protocol):
+    """Where a progress line goes: ``progress.LiveLine`` (pytest's terminal), or a
+    standalone client's stderr line."""
+
+    def show(self, text: str, force: bool = False) -> None: ...
+
+    def finish(self, text: str | None = None) -> None: ...
 
 
 @dataclass
@@ -163,31 +197,21 @@ class JobWaiter:
     @staticmethod
     def _detach(watch: _Watch) -> None:
         watch.progress.finish()
-        pytest.exit(
-            f"llmbench: batch job(s) {watch.pending()} submitted and running; run the same "
-            "command again without --llm-batch-detach to wait for them and collect "
-            "the results (nothing is submitted twice)",
-            returncode=0,
-        )
+        raise BatchWaitError("detach", watch.pending(), None)
 
     def _time_out(self, watch: _Watch, now: float) -> None:
         self.log.waited_s += now - watch.started
         watch.progress.finish()
-        pytest.exit(
-            f"llmbench: batch job(s) {watch.pending()} not finished after --llm-batch-timeout "
-            f"{self.settings.timeout:g}s; they are saved in the run directory: run "
-            "the same command again to resume waiting (nothing is submitted twice)",
-            returncode=1,
-        )
+        raise BatchWaitError("timeout", watch.pending(), self.settings.timeout)
 
 
 class BatchProgress:
-    """status, completed/failed/total, elapsed and an ETA, through the one progress
-    writer (``progress.LiveLine``); a change of status is shown at once."""
+    """status, completed/failed/total, elapsed and an ETA, through one progress writer
+    (``progress.LiveLine`` in pytest); a change of status is shown at once."""
 
-    def __init__(self, config: pytest.Config, total: int) -> None:
+    def __init__(self, out: LineWriter, total: int) -> None:
         self.total = total
-        self._out = LiveLine(config)
+        self._out = out
         self._status = ""
         self._first: int | None = None  # lines finished when this wait began
 

@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,7 +214,8 @@ class _Policy:
     base_url: str  # where requests go
     filed_base: str  # where they are filed: the origin the cassette records
     rootpath: Path
-    secret: str | None
+    # never in the repr: vcrpy logs its filters (bound methods of this object) at INFO
+    secret: str | None = field(repr=False)
     paths: dict[str, Path]  # node id -> its cassette
     default_case: str | None  # the case of requests sent outside case_scope
 

@@ -3,7 +3,9 @@
 A call goes: build the request body -> look it up in the response store -> (plan phase:
 record it and stop the test) -> send it (``transport.py``: budget, SDK, retries) -> save
 the answer -> :class:`Response`. ``batch_generate`` and the plugin's fetch stage run many
-calls through :meth:`LLMClient.arun`, the package's one concurrent path.
+calls through :meth:`LLMClient.arun`, the package's one concurrent path; with
+``use_batch_api`` it hands them to the Batch API backend (``batch_client``), which sits
+above this module and registers itself here (:func:`register_batch_backend`).
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import threading
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from .concurrency import Concurrency
 from .config import LLMConfig
-from .errors import LLMCallError, LLMPending, RunStopped
+from .errors import ConfigError, LLMCallError, LLMPending, RunStopped
 from .reasoning import is_reasoning_model
 from .response import Answer, ClientStats, ModelStats, Response, Usage, estimate_tokens
 from .runner import Runner
-from .store import PlannedRequest
+from .store import GAVE_UP, PlannedRequest
 from .transport import MISSING_KEY, OnAnswer, Shared
 
 if TYPE_CHECKING:
@@ -64,6 +67,27 @@ class CallContext:
         return self.ordinal - 1
 
 
+class BatchBackend(Protocol):
+    """Answers a standalone client's requests through the Batch API, in input order."""
+
+    def __call__(
+        self, client: LLMClient, bodies: list[dict[str, Any]], *, retry_live: bool
+    ) -> list[Response]: ...
+
+
+_BACKENDS: dict[str, BatchBackend] = {}
+NO_BATCH_BACKEND = (
+    "use_batch_api: the Batch API backend is not loaded; take LLMClient from the package "
+    "(from pytest_llmbench import LLMClient) or import pytest_llmbench.batch_client"
+)
+
+
+def register_batch_backend(backend: BatchBackend) -> None:
+    """Where ``batch_generate(..., use_batch_api=True)`` goes (``batch_client`` registers
+    itself: the batch modules sit above the client, which must not import them)."""
+    _BACKENDS["batch"] = backend
+
+
 def to_messages(prompt: PromptLike) -> list[dict[str, Any]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -92,6 +116,7 @@ class LLMClient:
         self.context = context
         self.stats = stats or ClientStats()
         self._ordinals: dict[str, int] = {}
+        self._gave_up: dict[str, tuple[int, int]] = {}  # key -> the prefetch's (attempts, 429s)
         self.shared: Shared = Shared(self.config, budget)
 
     def __repr__(self) -> str:
@@ -107,6 +132,7 @@ class LLMClient:
         view.context = context if context is not None else self.context
         view.stats = self.stats
         view._ordinals = {}
+        view._gave_up = {}
         view.shared = self.shared
         return view
 
@@ -157,7 +183,10 @@ class LLMClient:
             stored = ctx.store.lookup(key, fresh_since=ctx.fresh_since)
         if stored is None:
             failure = ctx.store.failure(key)
-            if (
+            if failure is not None and failure.run == ctx.run_token and failure.source == GAVE_UP:
+                # the prefetch gave up on it: it goes live now, and counts those attempts
+                self._gave_up[key] = (failure.attempts, failure.rate_limited)
+            elif (
                 failure is not None
                 and failure.run == ctx.run_token
                 and (failure.source != "batch" or ctx.batch_errors)
@@ -191,6 +220,7 @@ class LLMClient:
 
     def _finish(self, key: str | None, body: dict[str, Any], raw: Answer) -> Response:
         replayed = self.context is not None and self.context.cassette_replay
+        before, limited = self._gave_up.pop(key, (0, 0)) if key is not None else (0, 0)
         response = Response.from_body(
             raw.body,
             request=body,
@@ -198,8 +228,8 @@ class LLMClient:
             request_id=raw.headers.get("x-request-id"),
             # a cassette's answer was replayed, not requested: no request, no 429
             cached=replayed,
-            attempts=0 if replayed else raw.attempts,
-            rate_limited=0 if replayed else raw.rate_limited,
+            attempts=0 if replayed else raw.attempts + before,
+            rate_limited=0 if replayed else raw.rate_limited + limited,
             source="cassette" if replayed else "live",
             key=key,
         )
@@ -219,6 +249,13 @@ class LLMClient:
         reason = self._stop_reason()
         if reason is not None:
             raise LLMCallError(reason, attempts=0, fatal=True)
+
+    def _with_gave_up(self, key: str | None, error: LLMCallError) -> LLMCallError:
+        """A live call that failed too counts the attempts the prefetch made before."""
+        before, limited = self._gave_up.pop(key, (0, 0)) if key is not None else (0, 0)
+        error.attempts += before
+        error.rate_limited += limited
+        return error
 
     def _failed(self, error: LLMCallError) -> None:
         if self.context is not None and self.context.on_error is not None:
@@ -245,7 +282,7 @@ class LLMClient:
         try:
             raw = self.shared.send(body, self.stats, on_answer=self._saver(key, body))
         except LLMCallError as exc:
-            self._failed(exc)
+            self._failed(self._with_gave_up(key, exc))
             raise
         return self._finish(key, body, raw)
 
@@ -263,16 +300,40 @@ class LLMClient:
         try:
             raw = await self.shared.asend(body, self.stats, on_answer=self._saver(key, body))
         except LLMCallError as exc:
-            self._failed(exc)
+            self._failed(self._with_gave_up(key, exc))
             raise
         return self._finish(key, body, raw)
 
-    def batch_generate(self, prompts: Iterable[PromptLike], **params: Any) -> list[Response]:
+    def batch_generate(
+        self,
+        prompts: Iterable[PromptLike],
+        *,
+        use_batch_api: bool | None = None,
+        retry_live: bool | None = None,
+        **params: Any,
+    ) -> list[Response]:
         """Run many calls concurrently within the limits; results keep input order.
 
         A failed item comes back as a Response with ``ok`` False and ``error`` set; the
         others are unaffected.
+
+        ``use_batch_api=True`` (default: ``config.batch.enabled``) sends them as one Batch
+        API job instead, at half price, with a progress line on stderr: answers and the
+        job's id are kept in ``config.run_dir``, so running the same script again after a
+        crash resumes polling that job instead of submitting again, and asks nothing
+        already answered. A line the API failed comes back with ``ok`` False, or with
+        ``retry_live=True`` (default: ``config.batch.fallback == "live"``) is sent in real
+        time. Inside a pytest test (the ``llm`` fixture) both are ignored: ``--batch-api``
+        decides for the whole run, and already batches these calls.
         """
+        if self.context is None and (
+            self.config.batch.enabled if use_batch_api is None else use_batch_api
+        ):
+            backend = _BACKENDS.get("batch")
+            if backend is None:
+                raise ConfigError(NO_BATCH_BACKEND)
+            live = self.config.batch.fallback == "live" if retry_live is None else retry_live
+            return backend(self, [self.build_request(p, params) for p in prompts], retry_live=live)
         bodies = [self.build_request(p, params) for p in prompts]
         keys = [self._key(b) for b in bodies]
         results: list[Response | None] = [self._lookup(k) for k in keys]
@@ -309,6 +370,7 @@ class LLMClient:
         *,
         scope: Callable[[T], AbstractContextManager[None]] | None = None,
         stop: threading.Event | None = None,
+        gate: Concurrency | None = None,
     ) -> None:
         """Send the request ``body(item)`` of every item concurrently, within the budget.
 
@@ -322,9 +384,11 @@ class LLMClient:
         any bookkeeping (save it there); ``on_error(item, error)`` when a request failed
         for good. ``scope(item)`` wraps the sending of one item (cassettes file requests
         under their case with it). Once ``stop`` is set no new request starts (those in
-        flight finish and are handed over as usual).
+        flight finish and are handed over as usual). ``gate`` is the limit on requests in
+        flight (``concurrency.py``; by default an adaptive one up to ``max_concurrency``,
+        or a fixed one with ``fixed_concurrency``); pass one to read what it settled on.
         """
-        runner = Runner(self.shared, self.stats, body, on_answer, on_error, scope, stop)
+        runner = Runner(self.shared, self.stats, body, on_answer, on_error, scope, stop, gate)
         await runner.run(items)
 
     def openai_client(self, *, timeout: float | None = None) -> openai.OpenAI:
@@ -350,6 +414,7 @@ class LLMClient:
 __all__ = [
     "MISSING_KEY",
     "Answer",
+    "BatchBackend",
     "CallContext",
     "ClientStats",
     "LLMClient",
@@ -357,4 +422,5 @@ __all__ = [
     "Response",
     "Usage",
     "estimate_tokens",
+    "register_batch_backend",
 ]

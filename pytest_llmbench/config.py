@@ -74,7 +74,9 @@ class LLMConfig(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     burst_seconds: float = Field(default=1.0, gt=0, le=60)
+    opening_burst: bool = False
     max_concurrency: int = Field(default=64, ge=1, le=4096)
+    fixed_concurrency: bool = False
     max_retries: int = Field(default=6, ge=0, le=100)
     backoff_min: float = Field(default=0.5, ge=0, le=600)
     backoff_max: float = Field(default=30.0, gt=0, le=3600)

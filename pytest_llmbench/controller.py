@@ -86,13 +86,24 @@ class Controller:
         self.sim: Simulator | None = None
         self.session: pytest.Session | None = None
         self.fetch: Fetch | None = None  # the prefetch, running or done
+        self.staged = False  # the Batch API stage has run (before xdist's workers, if any)
         self.estimate: list[str] | None = None  # --llm-estimate's lines
         self.interrupts: Interrupts | None = None
+        self.notices: list[str] = []  # what the run directory's check did, said once
 
     # ------------------------------------------------------------------ start and stop
     def start(self) -> None:
-        """At configure time: --cache-clear, the simulator, an early look at the budget."""
+        """At configure time: the run directory's check, --cache-clear, the simulator, an
+        early look at the budget."""
         state = self.state
+        if not _asks_help(self.config):
+            from .errors import StoreError
+            from .run_dir import check_run_dir
+
+            try:
+                self.notices = check_run_dir(state.llm_config.run_dir)
+            except StoreError as exc:
+                raise pytest.UsageError(str(exc)) from None
         if getattr(self.config.option, "cacheclear", False):
             # pytest's --cache-clear clears stored responses too (controller only: workers
             # start after this and must not wipe what a sibling just saved)
@@ -172,11 +183,30 @@ class Controller:
         otherwise slow the planning down (their start is this hook's next
         implementation, xdist's own)."""
         self.session = session
+        if self.notices:
+            from .progress import note
+
+            for line in self.notices:
+                note(self.config, line, yellow=True)
         if self.fetch is None:
+            self.batch_before_workers()
             return
         self.watch(self.fetch)
         if _workers(self.config):
             self.fetch.under_way.wait(WORKERS_WAIT_S)
+
+    def batch_before_workers(self) -> None:
+        """With xdist, the Batch API stage runs before the workers start: it plans the
+        whole selection in its own subprocess anyway, and a wait of minutes or hours
+        inside an xdist hook would keep xdist from seeing a worker that dies meanwhile."""
+        from .engine import prefetch_enabled
+
+        state = self.state
+        batch = state.llm_config.batch.enabled
+        if not (batch and _workers(self.config) and state.has_credentials()):
+            return
+        if prefetch_enabled(self.config, state):
+            self.collected(None, True)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[Any]) -> None:
@@ -209,12 +239,13 @@ class Controller:
         if calls and runs_tests(self.config) and not state.options.estimate:
             state.check_credentials()
         wanted = (nodeids is None or bool(nodeids)) and prefetch_enabled(self.config, state)
-        if wanted and self.fetch is None:
+        if wanted and self.fetch is None and not self.staged:
             if streams(self.config, state):
                 only = unanswered(state, nodeids)
                 if only is None or only:
                     self.begin_stream(only)
             else:
+                self.staged = True
                 staged = run_staged(self.config, state, nodeids, self.batch_done)
                 if staged is not None:
                     self.watch(staged)
@@ -353,7 +384,7 @@ class Controller:
         final_status = exitstatus if new_status is None else new_status
         mode = self.run_mode(total.requests)
         if mode != "batch" and total.requests:
-            self.pacing = pacing_line(self.state)
+            self.pacing = pacing_line(self.state, self.prefetch)
         if self.report_path is not None or self.html_path is not None:
             report = self.report(cases, summaries, total, results, mode, final_status, now)
             if self.baseline is not None:
@@ -506,38 +537,62 @@ def prefetch_report(stats: PrefetchStats) -> dict[str, Any]:
         "plan_s": round(stats.plan_s, 3),
         "fetch_s": round(stats.fetch_s, 3),
         "rate_limited": stats.rate_limited,
+        "concurrency": stats.concurrency,
+        "concurrency_adaptive": stats.concurrency_adaptive,
     }
 
 
-def pacing_line(state: RunState) -> str | None:
+def pacing_line(state: RunState, fetch: PrefetchStats | None = None) -> str | None:
     """How the run's requests were paced: by the configured limits, by the limits the
-    budget learned from the server's headers, or not at all. The budget of the run's
-    model is asked, since it knows whether any process learned a limit; None when it
-    cannot tell (or cannot be reached)."""
+    budget learned from the server's headers, or not at all; and, with a prefetch, the
+    concurrency it settled at. The budget of the run's model is asked, since it knows
+    whether any process learned a limit; None when it cannot tell (or cannot be
+    reached)."""
     from .errors import BudgetError
     from .transport import budget_for
 
     cfg = state.llm_config
     alone = f"concurrency alone (--llm-concurrency {cfg.max_concurrency}) bounds it"
+    settled = ""
+    if fetch is not None:
+        alone = f"concurrency alone bounds it: {fetch.concurrency_text()}"
+        settled = f"; concurrency {fetch.concurrency_text()}"
     if cfg.budget_url == "none":
         return f"llmbench pacing: not paced (--llm-budget none); {alone}"
     try:
         budget = budget_for(cfg, cfg.model)
         try:
             learned = getattr(budget, "learned_limits", lambda: None)()
+            granted = getattr(budget, "opening_granted", lambda: None)()
         finally:
             budget.close()
     except BudgetError:
-        learned = None
+        learned = granted = None
+    opening = opening_text(granted) if cfg.opening_burst and granted is not None else ""
     if cfg.rpm is not None or cfg.tpm is not None:
         set_ = [f"{n} {v}" for n, v in (("rpm", cfg.rpm), ("tpm", cfg.tpm)) if v is not None]
         also = " and the server's x-ratelimit headers (the lower limit wins)" if learned else ""
-        return f"llmbench pacing: paced by --llm-rpm/--llm-tpm ({', '.join(set_)}){also}"
+        by = f"--llm-rpm/--llm-tpm ({', '.join(set_)}){also}"
+        return f"llmbench pacing: paced by {by}{opening}{settled}"
     if learned is None:
         return None
     if learned:
-        return "llmbench pacing: paced by the server's x-ratelimit headers"
+        return f"llmbench pacing: paced by the server's x-ratelimit headers{opening}{settled}"
     return f"llmbench pacing: not paced: the server sends no rate-limit headers; {alone}"
+
+
+def opening_text(granted: float) -> str:
+    """What ``--llm-opening-burst`` did, for the pacing line: the level the budget's last
+    opening was raised to, as the server advertised it."""
+    if granted:
+        return (
+            f"; the opening burst allowed up to {int(granted)} requests at once, as the "
+            "server advertised (--llm-opening-burst)"
+        )
+    return (
+        "; opening burst on (--llm-opening-burst), not used: no first answer advertised "
+        "more than the burst cap"
+    )
 
 
 def origin_line(state: RunState, total: SuiteSummary) -> str:

@@ -8,6 +8,7 @@ from the row's position: inserting a row must not re-key the rows after it.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -174,12 +175,22 @@ def _load_file(
         supported = ", ".join(SUPPORTED_EXTENSIONS)
         raise DatasetError(f"unknown extension {suffix!r}; supported: {supported}", path=display)
     try:
-        # utf-8-sig: spreadsheet exports often start with a BOM that would end up in a key.
-        text = resolved.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"not UTF-8 text ({exc.reason})", path=display) from None
+        raw = resolved.read_bytes()
     except OSError as exc:
         raise DatasetError(f"cannot read: {exc.strerror} ({resolved})", path=display) from None
+    # utf-8-sig: spreadsheet exports often start with a BOM that would end up in a key.
+    body = raw[len(codecs.BOM_UTF8) :] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = body.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (body.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DatasetError(
+            f"not UTF-8 text: byte 0x{body[exc.start]:02x} at column {column} ({exc.reason}); "
+            "save the file as UTF-8",
+            path=display,
+            line=line,
+        ) from None
 
     if suffix == ".csv":
         rows = _parse_csv(text, display)

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .cassettes import case_scope, fetch_cassette
-from .errors import LLMCallError
+from .concurrency import Concurrency
+from .errors import LLMCallError, StoreError
 from .journal import JournalWriter, journal_path
 from .plan import (
     PLAN_OK,
@@ -51,7 +52,7 @@ from .plan import (
     runs_tests,
 )
 from .progress import PrefetchStats, Progress
-from .store import Failure, ensure_run_dir
+from .store import GAVE_UP, Failure, ensure_run_dir
 
 if TYPE_CHECKING:
     from .batch import BatchStats
@@ -150,6 +151,8 @@ class Fetch:
         self.progress = Progress(config, "llmbench prefetch", total=0, rpm=rpm, live=live_line)
         self.client: LLMClient = LLMClient(state.llm_config)
         self.client.shared.cost_cap = state.cost_cap(on_stop=self.cap_reached)
+        cfg = state.llm_config
+        self.gate = Concurrency(cfg.max_concurrency, adaptive=not cfg.fixed_concurrency)
         self.stopping = threading.Event()  # no new request starts
         self.under_way = threading.Event()  # the first request is planned, or none will be
         self.journal: JournalWriter | None = None
@@ -215,7 +218,9 @@ class Fetch:
     def stats(self) -> PrefetchStats | None:
         if not self.progress.total:
             return None
-        return PrefetchStats.of(self.progress, self.plan_lead_s, self.plan_s, self.wall)
+        gate = self.gate
+        settled = (gate.settled, gate.adaptive, gate.maximum)
+        return PrefetchStats.of(self.progress, self.plan_lead_s, self.plan_s, self.wall, settled)
 
     # ---------------------------------------------------------------- the outcomes
     def answered(self, req: PlannedRequest, answer: Answer) -> None:
@@ -232,14 +237,24 @@ class Fetch:
         """A request that no retry can mend (400, 401, 403, 404, 422, quota) fails its
         case in the run without being sent again; a retryable one is tried live. A fatal
         one stops the whole run."""
-        if not exc.retryable:
-            run = self.state.run_token
-            failure = Failure(str(exc), "prefetch", run, exc.attempts, exc.rate_limited)
-            self.state.store.record_failures({req.key: failure})
-        if exc.fatal and self.fatal is None:
+        first_fatal = exc.fatal and self.fatal is None
+        if first_fatal:
             self.fatal = exc
+            self.stopping.set()  # nothing new is sent from now on
+        if exc.attempts or not exc.retryable:
+            # a refusal fails its case; a request given up on is tried live by its test,
+            # whose figures then count these attempts too. Recorded before the stop is
+            # announced: a test woken by the stop finds its case's failure
+            source = GAVE_UP if exc.retryable else "prefetch"
+            run = self.state.run_token
+            failure = Failure(str(exc), source, run, exc.attempts, exc.rate_limited)
+            try:
+                self.state.store.record_failures({req.key: failure})
+            except StoreError:
+                if not exc.fatal:  # a store that cannot save answers has stopped the run
+                    raise
+        if first_fatal:
             self.state.stop.trip(str(exc))
-            self.stopping.set()
             if self.journal is not None:
                 self.journal.end("fatal", str(exc))
         if self.journal is not None:
@@ -265,6 +280,7 @@ class Fetch:
             self.failed,
             scope=lambda r: case_scope(r.nodeid),
             stop=self.stopping,
+            gate=self.gate,
         )
 
     async def fetch_planned(self, todo: list[PlannedRequest]) -> None:

@@ -89,6 +89,16 @@ class StoreError(LLMBenchError):
     """The response store cannot be opened or written."""
 
 
+class UnusableStoreError(StoreError):
+    """The store file is not a usable response store (corrupt, truncated, not SQLite, or
+    another program's database); ``reason`` is SQLite's word for it. A run sets such a
+    file aside when it starts (``store.check_store``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
 class BudgetError(LLMBenchError):
     """A rate-limit budget cannot be used (bad URL, unreachable Redis, impossible request)."""
 

@@ -33,6 +33,10 @@ from pathlib import Path
 
 POLL_MIN_S = 0.001
 POLL_MAX_S = 0.01
+#: the reason of a stop file published without one (no room on the run directory's disk)
+UNWRITTEN_REASON = (
+    "another process stopped the run and had no room to say why (is the run directory's disk full?)"
+)
 
 
 def journal_path(run_dir: Path, run_token: str) -> Path:
@@ -64,8 +68,18 @@ class JournalWriter:
         self.ended = False
 
     def _write(self, text: str) -> None:
-        if self._fd >= 0:
-            os.write(self._fd, text.encode("utf-8"))  # O_APPEND: one write, one piece
+        if self._fd < 0:
+            return
+        data = text.encode("utf-8")
+        try:
+            written = os.write(self._fd, data)  # O_APPEND: one write, one piece
+        except OSError:
+            written = -1
+        if written != len(data):
+            # no room (a full disk): a journal missing lines would keep tests waiting for
+            # them forever; without one, each test looks up or asks for its own answer
+            # (and sees the stop file first when the run stops)
+            self.close()
 
     def planned(self, keys: Iterable[str]) -> None:
         lines = "".join(f"P {k}\n" for k in keys)
@@ -171,24 +185,60 @@ class RunStop:
             return
         self._reason = reason
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            self._reason = None  # another process was first: its reason stands
-            self.reason()
-            return
+            first = self._publish(json.dumps({"reason": reason}).encode("utf-8"))
         except OSError:
             return  # no run directory: this process still stops
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"reason": reason}, fh)
+        if not first:
+            self._reason = None  # another process was first: its reason stands
+            self.reason()
+
+    def _publish(self, data: bytes) -> bool:
+        """Create the stop file whole (written aside, then linked into place, so a reader
+        never sees it half written); False when another process was first. On a full
+        disk it is published empty: its existence alone stops the run."""
+        aside = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            try:
+                aside.write_bytes(data)
+            except OSError:
+                aside.write_bytes(b"")  # no room for the reason: truncated, it takes none
+            os.link(aside, self.path)
+        except FileExistsError:
+            return False
+        except OSError:
+            return self._create(data)  # no hard links here (some network filesystems)
+        finally:
+            aside.unlink(missing_ok=True)
+        return True
+
+    def _create(self, data: bytes) -> bool:
+        """Create the stop file in place (a reader may see it empty for a moment)."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+        except OSError:
+            pass  # no room for the reason: the file alone stops the run
+        finally:
+            os.close(fd)
+        return True
 
     def reason(self) -> str | None:
         """Why the run stops, or None (one ``stat`` while nothing has stopped it)."""
         if self._reason is None and os.path.exists(self.path):
             try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                self._reason = str(data["reason"])
-            except (OSError, ValueError, KeyError, TypeError):
-                return None  # being written: seen at the next look
+                text = self.path.read_text(encoding="utf-8")
+            except OSError:
+                return None  # seen at the next look
+            if not text:
+                self._reason = UNWRITTEN_REASON
+                return self._reason
+            try:
+                self._reason = str(json.loads(text)["reason"])
+            except (ValueError, KeyError, TypeError):
+                return None
         return self._reason
 
     def remove(self) -> None:

@@ -167,13 +167,35 @@ OPTIONS: tuple[Option, ...] = (
         metavar="S",
     ),
     Option(
+        "llm_opening_burst",
+        "--llm-opening-burst",
+        "LLMBENCH_OPENING_BURST",
+        "opening_burst",
+        "spend at once the requests and tokens the first answer's x-ratelimit-remaining "
+        "headers advertise, beyond the burst cap (for a server whose bucket starts full, "
+        "such as llmock; OpenAI refuses such a burst)",
+        _bool,
+        kind="flag",
+    ),
+    Option(
         "llm_concurrency",
         "--llm-concurrency",
         "LLMBENCH_CONCURRENCY",
         "max_concurrency",
-        "requests in flight at most per process",
+        "requests in flight at most per process; fewer while more would only queue at the "
+        "server (latency rises, throughput does not; see --llm-concurrency-fixed)",
         int,
         metavar="N",
+    ),
+    Option(
+        "llm_concurrency_fixed",
+        "--llm-concurrency-fixed",
+        "LLMBENCH_CONCURRENCY_FIXED",
+        "fixed_concurrency",
+        "keep --llm-concurrency requests in flight from the start, instead of adapting "
+        "to what the server's throughput gains from them",
+        _bool,
+        kind="flag",
     ),
     Option(
         "llm_max_retries",

@@ -234,10 +234,16 @@ def write_collection_flag(
 ) -> None:
     from .store import ensure_run_dir
 
-    ensure_run_dir(state.llm_config.run_dir)
     workerid = getattr(config, "workerinput", {}).get("workerid", "main")
     data = {"plan": nodeids, "calls": calls}
-    _flag_path(state, workerid).write_text(json.dumps(data), encoding="utf-8")
+    path = _flag_path(state, workerid)
+    try:
+        ensure_run_dir(state.llm_config.run_dir)
+        path.write_text(json.dumps(data), encoding="utf-8")
+    except OSError:
+        # no room (a full disk): without a flag the controller plans everything, and the
+        # run meets the full disk where it can say so (saving an answer stops the run)
+        path.unlink(missing_ok=True)
 
 
 def read_collection_flag(state: RunState, workerid: str) -> tuple[list[str] | None, bool]:

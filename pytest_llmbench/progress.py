@@ -129,11 +129,33 @@ class PrefetchStats:
     plan_lead_s: float  # the wait before the first request could be sent
     plan_s: float  # until planning ended; with streaming it overlaps the fetch
     fetch_s: float
+    concurrency: int = 0  # the requests in flight it settled on
+    concurrency_adaptive: bool = True
+    concurrency_max: int = 0  # --llm-concurrency
 
     @classmethod
     def of(
-        cls, progress: Progress, plan_lead_s: float, plan_s: float, wall: float
+        cls,
+        progress: Progress,
+        plan_lead_s: float,
+        plan_s: float,
+        wall: float,
+        concurrency: tuple[int, bool, int] = (0, True, 0),
     ) -> PrefetchStats:
+        """``concurrency``: the limit settled on, whether it adapted, and its maximum."""
         done, failed, limited = progress.done, progress.failed, progress.rate_limited
         planned = progress.total
-        return cls(planned, done, failed, limited, progress.retries, plan_lead_s, plan_s, wall)
+        return cls(
+            planned, done, failed, limited, progress.retries, plan_lead_s, plan_s, wall,
+            *concurrency,
+        )  # fmt: skip
+
+    def concurrency_text(self) -> str:
+        """``settled at 2 in flight (adaptive, at most --llm-concurrency 64)``, or ``64 in
+        flight (--llm-concurrency-fixed)``."""
+        if not self.concurrency_adaptive:
+            return f"{self.concurrency} in flight (--llm-concurrency-fixed)"
+        return (
+            f"settled at {self.concurrency} in flight (adaptive, at most --llm-concurrency "
+            f"{self.concurrency_max})"
+        )

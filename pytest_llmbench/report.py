@@ -214,7 +214,9 @@ _RUN = (
         "object",
         "prefetch mode only: `planned`, `fetched`, `failed` requests, `plan_lead_s` "
         "(seconds before the first request could be sent), `plan_s` (until planning "
-        "ended, overlapping the fetch), `fetch_s`, `rate_limited`",
+        "ended, overlapping the fetch), `fetch_s`, `rate_limited`, `concurrency` (the "
+        "requests in flight it settled at), `concurrency_adaptive` (false with "
+        "`--llm-concurrency-fixed`)",
         required=False,
     ),
     _f(

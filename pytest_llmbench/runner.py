@@ -1,6 +1,8 @@
 """The concurrent runner behind :meth:`LLMClient.arun`: a queue of items, at most
-``max_concurrency`` in flight, slow start while the limits are unknown, a per-process
-smoother, and a stop that lets what is in flight finish (a fatal error, an interrupt).
+``max_concurrency`` in flight (fewer while the adaptive limit of ``concurrency.py`` finds
+that more would only queue at the server: the rule is in that module's docstring), slow
+start while the limits are unknown, a per-process smoother, and a stop that lets what is
+in flight finish (a fatal error, an interrupt).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import AsyncIterable, Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .budget import RateLimitSnapshot
+from .concurrency import Concurrency, Slot
 from .errors import LLMCallError, RunStopped
 from .response import Answer, ClientStats
 from .transport import Shared
@@ -59,12 +63,17 @@ class Runner(Generic[T]):
         on_error: Callable[[T, LLMCallError], None],
         scope: Callable[[T], AbstractContextManager[None]] | None,
         stop: threading.Event | None = None,
+        gate: Concurrency | None = None,
     ) -> None:
         self.shared, self.stats = shared, stats
         self.stop = stop or threading.Event()
         config = shared.config
         self.body, self.on_answer, self.on_error, self.scope = body, on_answer, on_error, scope
         self.workers = config.max_concurrency
+        adaptive = not config.fixed_concurrency
+        self.gate = gate or Concurrency(config.max_concurrency, adaptive=adaptive)
+        if config.rpm is not None:
+            self.gate.rate_limit(config.rpm)
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.learned = asyncio.Event()  # set: the rest may go (limits known or learned)
         if config.rpm is not None or config.tpm is not None:
@@ -104,33 +113,47 @@ class Runner(Generic[T]):
                 if self.first_sent:
                     await self.learned.wait()
                 self.first_sent = True  # this one goes alone
+            # a slot is held from before the budget's wait: a wait there shows the gate
+            # that the budget, not the number in flight, paces the run
+            slot = await self.gate.acquire()
+            latency: float | None = None
             try:
-                await self.send(aclient, item)
+                latency = await self.send(aclient, item, slot)
             finally:
+                self.gate.release(slot, latency)
                 self.learned.set()
 
-    async def send(self, aclient: openai.AsyncOpenAI, item: T) -> None:
+    async def send(self, aclient: openai.AsyncOpenAI, item: T, slot: Slot) -> float | None:
+        """Send one item; returns its answer's latency, for the gate (None: no answer, or
+        one that took retries, whose latency is its last attempt's alone)."""
         shared, stats = self.shared, self.stats
         scope = self.scope(item) if self.scope is not None else contextlib.nullcontext()
         try:
             if self.smoother is not None:
                 await self.smoother.acquire()
             if self.stop.is_set():
-                return
+                return None
             with scope:
-                await shared.asend(
+                answer = await shared.asend(
                     self.body(item),
                     stats,
                     aclient,
                     lambda a: self.on_answer(item, a),
-                    ready=self._ready,
+                    ready=lambda: self._ready(slot),
                 )
         except RunStopped:
-            return  # not sent: the run stops
+            return None  # not sent: the run stops
         except LLMCallError as exc:
             self.on_error(item, exc)
+            return None
+        if self.gate.wants_rate:  # the first answers teach the server's limit, if any
+            limit = RateLimitSnapshot.from_headers(answer.headers).limit_requests
+            if limit:
+                self.gate.rate_limit(limit)
+        return answer.latency if answer.attempts == 1 else None
 
-    def _ready(self) -> None:
+    def _ready(self, slot: Slot) -> None:
         """Called once the budget lets a request go: a stop meanwhile keeps it unsent."""
         if self.stop.is_set():
             raise RunStopped("the run is stopping")
+        self.gate.sent(slot)

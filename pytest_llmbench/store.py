@@ -35,9 +35,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .errors import StoreError
+from .errors import StoreError, UnusableStoreError
 from .store_schema import (
     COLUMNS,
+    GAVE_UP,
     SCHEMA,
     SCHEMA_VERSION,
     SIM_ORIGIN,
@@ -52,6 +53,7 @@ from .store_schema import (
 
 __all__ = [
     "DEFAULT_ORIGIN",
+    "GAVE_UP",
     "SCHEMA_VERSION",
     "SIM_ORIGIN",
     "SOURCES",
@@ -154,6 +156,7 @@ class ResponseStore:
         self._lock = threading.Lock()
         self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._closed = False
+        self.migrated_from: str | None = None  # the schema this handle migrated, if any
         self._conn()  # fail now, not at the first put, when the file is unusable
 
     @classmethod
@@ -195,10 +198,14 @@ class ResponseStore:
             raise StoreError(f"{self.path}: cannot open the response store: {exc}") from None
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise StoreError(
-                f"{self.path}: not a usable response store ({exc}); "
-                "delete it or run with --llm-fresh"
+            raise UnusableStoreError(
+                f"{self.path}: not a usable response store ({exc}); move it aside or delete "
+                "it (a pytest-llmbench run sets it aside itself when it starts)",
+                str(exc),
             ) from None
+        except StoreError:
+            conn.close()
+            raise
         return conn
 
     def _prepare_retrying(self, conn: sqlite3.Connection) -> None:
@@ -245,6 +252,14 @@ class ResponseStore:
                 raise
         if version == "1":
             version = migrate_v1(conn)
+            self.migrated_from = "1"
+        if version.isdigit() and int(version) > SCHEMA_VERSION:
+            # a newer pytest-llmbench's store is not broken: never set it aside
+            raise StoreError(
+                f"{self.path}: written by a newer pytest-llmbench (store schema {version}, "
+                f"this one reads {SCHEMA_VERSION}): upgrade pytest-llmbench, or give this "
+                "run another --llm-run-dir"
+            )
         if version != str(SCHEMA_VERSION):
             raise sqlite3.DatabaseError(
                 f"schema version {version!r}, this pytest-llmbench reads {SCHEMA_VERSION}"

@@ -82,10 +82,15 @@ class Failure:
     verdict); the run's tests fail that call with it instead of sending it again."""
 
     reason: str
-    source: str  # "batch" or "prefetch"
+    source: str  # "batch", "prefetch", or GAVE_UP (the prefetch gave up: tried again live)
     run: str  # the run token of the run that recorded it
     attempts: int = 0
     rate_limited: int = 0
+
+
+#: a request the prefetch gave up on after its retries (5xx, timeouts, 429s): its test
+#: sends it again live, and that call's figures include the prefetch's attempts
+GAVE_UP = "prefetch-gave-up"
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt
 
-from .budget import BaseBudget, Budget, RateLimitSnapshot, open_budget
+from .budget import BaseBudget, Budget, RateLimitSnapshot, Ticket, open_budget
 from .config import LLMConfig
-from .errors import ConfigError, LLMCallError, RunStopped
+from .errors import ConfigError, LLMCallError, RunStopped, StoreError
 from .response import Answer, ClientStats, Usage, estimate_tokens
 from .retry import BackoffPolicy, as_mapping, describe, is_retryable
 from .tokens import request_prompt_tokens
@@ -59,6 +59,7 @@ def budget_for(config: LLMConfig, model: str) -> Budget:
         rpm=config.rpm,
         tpm=config.tpm,
         burst_seconds=config.burst_seconds,
+        opening_burst=config.opening_burst,
     )
 
 
@@ -183,7 +184,7 @@ class Shared:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _attempt(self, call: Call, body: dict[str, Any], client: openai.OpenAI) -> Answer:
-        call.budget.acquire(call.begin())
+        call.ticket = acquire(call.budget, call.begin())
         call.sending()
         try:
             if plain_body(body):
@@ -242,7 +243,7 @@ class Shared:
         aclient: openai.AsyncOpenAI,
         ready: Callable[[], None] | None,
     ) -> Answer:
-        await call.budget.aacquire(call.begin())
+        call.ticket = await aacquire(call.budget, call.begin())
         if ready is not None:
             ready()
         call.sending()
@@ -299,6 +300,23 @@ def plain_body(body: Mapping[str, Any]) -> bool:
     )
 
 
+def acquire(budget: Budget, tokens: int) -> Ticket | None:
+    """Reserve ``tokens`` and wait for them; the reservation's ticket, when the budget
+    gives one (it goes back with the answer's headers, for the opening burst)."""
+    if isinstance(budget, BaseBudget):
+        return budget.acquire_ticket(tokens)[1]
+    budget.acquire(tokens)  # a budget of the caller's own making: no ticket
+    return None
+
+
+async def aacquire(budget: Budget, tokens: int) -> Ticket | None:
+    """The async twin of :func:`acquire`."""
+    if isinstance(budget, BaseBudget):
+        return (await budget.aacquire_ticket(tokens))[1]
+    await budget.aacquire(tokens)
+    return None
+
+
 def settle(budget: Budget, snapshot: RateLimitSnapshot, reserved: int, actual: int) -> None:
     """An answer's feedback to the budget: its headers, then the real token count (one
     operation where the budget offers it)."""
@@ -325,6 +343,7 @@ class Call:
     cap: CostCap | None = None
     cost: float = 0.0  # USD reserved under the cost cap until the answer settles it
     prompt: int = 0  # prompt tokens, counted as the API counts them (tokens.py)
+    ticket: Ticket | None = None  # the budget's ticket for the attempt in flight
 
     def begin(self) -> int:
         """Count an attempt; returns the tokens to reserve for it."""
@@ -341,7 +360,7 @@ class Call:
 
         headers = as_mapping(getattr(getattr(exc, "response", None), "headers", None))
         if headers:
-            self.budget.observe(RateLimitSnapshot.from_headers(headers))
+            self.budget.observe(RateLimitSnapshot.from_headers(headers, self.ticket))
         self.stats.add(self.model, requests=1)
         if isinstance(exc, openai.RateLimitError):
             self.limited += 1
@@ -358,7 +377,7 @@ class Call:
             if not isinstance(body, dict) or "choices" not in body:
                 raise ValueError("no choices")
         except ValueError as exc:
-            self.budget.observe(RateLimitSnapshot.from_headers(headers))
+            self.budget.observe(RateLimitSnapshot.from_headers(headers, self.ticket))
             self.stats.add(self.model, requests=1)
             raise LLMCallError(
                 f"the API answered 200 with a malformed body ({exc})", status=200, retryable=True
@@ -367,12 +386,18 @@ class Call:
         if self.on_answer is not None:
             # saved before any bookkeeping: the window in which a crash loses a paid-for
             # answer is only the store's own fsync
-            self.on_answer(answer)
+            try:
+                self.on_answer(answer)
+            except StoreError as exc:
+                # a full disk, a read-only or broken store: every later answer would be
+                # paid for and lost the same way, so the run stops here
+                raise LLMCallError(f"cannot save answers: {exc}", status=200, fatal=True) from None
         usage = Usage.from_body(body)
         if self.cap is not None:
             self.cap.settle(self.cost, self.model, body.get("usage") or {})
             self.cost = 0.0
-        settle(self.budget, RateLimitSnapshot.from_headers(headers), self.est, usage.total_tokens)
+        snapshot = RateLimitSnapshot.from_headers(headers, self.ticket)
+        settle(self.budget, snapshot, self.est, usage.total_tokens)
         self.stats.add(self.model, requests=1, calls=1, retries=self.attempts - 1, usage=usage)
         return answer
 

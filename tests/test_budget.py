@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import heapq
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -36,13 +38,18 @@ from pytest_llmbench.budget import (
     NullBudget,
     RateLimitSnapshot,
     RedisBudget,
+    Ticket,
     mask_url,
     open_budget,
     parse_duration,
 )
+from pytest_llmbench.budget.base import OPENING_ARMED, OPENING_DONE, OPENING_SPENDING
 from pytest_llmbench.budget.file import safe_name
 from pytest_llmbench.errors import BudgetError
+from pytest_llmbench.sim.limits import ModelLimits
 from tests import redis_server
+
+from .helpers import ManualClock
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "budget_worker.py"
@@ -331,6 +338,12 @@ def test_file_state_format(tmp_path: Path) -> None:
         "requests_server_limit": None,
         "tokens_level": 500.0,
         "tokens_server_limit": 30000.0,
+        "opening": 1.0,  # armed: no answer with a remaining yet
+        "reserved_n": 1.0,
+        "reserved_tokens": 150.0,
+        "answered_n": 0.0,  # the snapshot came without the reservation's ticket
+        "answered_tokens": 0.0,
+        "opening_granted": 0.0,
     }
     assert budget.state() == BudgetState.from_fields(data)
 
@@ -835,3 +848,274 @@ def test_a_missing_redis_package_is_a_budget_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(BudgetError, match=r"redis://:\*\*\*@h/0 needs the 'redis' package"):
         RedisBudget("redis://:pw@h/0", key="m")
+
+
+# ---------------------------------------------------------------------------------------
+# The opening burst (--llm-opening-burst), on a manual clock, for every backend
+
+
+@dataclass
+class Opening:
+    """Budgets of one backend on one manual clock, and a look at their shared state."""
+
+    make: Any  # (rpm=, tpm=, opening_burst=) -> a budget of this backend
+    clock: ManualClock
+
+    def state(self, budget: Any) -> BudgetState:
+        return budget.state if isinstance(budget, MemoryBudget) else budget.state()
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
+def opening(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opening]:
+    clock = ManualClock(T0)
+    made: list[Any] = []
+
+    def make(rpm: int | None = None, tpm: int | None = None, opening_burst: bool = True) -> Any:
+        kw: dict[str, Any] = {"rpm": rpm, "tpm": tpm, "opening_burst": opening_burst}
+        if request.param == "memory":
+            budget: Any = MemoryBudget(clock=clock, **kw)
+        elif request.param == "file":
+            budget = FileBudget(tmp_path / f"b{len(made)}.json", clock=clock, **kw)
+        else:
+            url = request.getfixturevalue("redis_url")
+            budget = RedisBudget(url, key=f"o-{uuid.uuid4().hex}", clock=clock, **kw)
+        made.append(budget)
+        return budget
+
+    yield Opening(make, clock)
+    for budget in made:
+        budget.close()
+
+
+def answer(
+    budget: Any, ticket: Ticket | None, *, rpm: int = 600, requests: int | None, **more: Any
+) -> None:
+    """Feed the budget an answer to the reservation of ``ticket`` with these headers."""
+    budget.observe(
+        RateLimitSnapshot(limit_requests=rpm, remaining_requests=requests, ticket=ticket, **more)
+    )
+
+
+def test_the_first_answers_remaining_is_spent_at_once_then_the_steady_rate(
+    opening: Opening,
+) -> None:
+    # Given an unconfigured budget whose first request went alone (the runner's slow start)
+    budget, clock = opening.make(), opening.clock
+    wait, ticket = budget.reserve_ticket(0)
+    assert wait == 0.0 and ticket == Ticket(answered=0.0, answered_tokens=0.0, tokens=0.0)
+    # When its answer says a bucket of 600 RPM holds 599 more (a bucket that starts full)
+    clock.advance(0.2)
+    answer(budget, ticket, requests=599)
+    assert opening.state(budget).opening == OPENING_SPENDING
+    assert opening.state(budget).opening_granted == 599
+    # Then all 599 go at once; the burst earns no refill meanwhile (0.5 s would be 5
+    # requests at 10/s), so the 600th waits for one slot of the steady rate
+    clock.advance(0.5)
+    assert drain(budget, 599) == [0.0] * 599
+    assert budget.reserve(0) == pytest.approx(0.1)
+    assert opening.state(budget).opening == OPENING_DONE  # spent: the steady budget again
+    # and after a long pause of traffic it is the steady budget: a 1 s burst cap
+    clock.advance(10)
+    assert drain(budget, 11) == pytest.approx([0.0] * 10 + [0.1])
+
+
+def test_without_the_option_the_first_answer_only_lowers_the_level(opening: Opening) -> None:
+    budget = opening.make(opening_burst=False)
+    _, ticket = budget.reserve_ticket(0)
+    answer(budget, ticket, requests=599)
+    assert drain(budget, 11) == pytest.approx([0.0] * 10 + [0.1])  # the 1 s cap, as before
+    assert opening.state(budget).opening_granted == 0
+
+
+def test_reservations_the_server_may_not_have_counted_are_subtracted(opening: Opening) -> None:
+    # Given 600 RPM / 60k TPM configured (no slow start) and 100-token requests: A is
+    # answered without limit headers before B is reserved; B, C and D are then in flight
+    budget = opening.make(rpm=600, tpm=60_000)
+    _, a = budget.reserve_ticket(100)
+    budget.observe(RateLimitSnapshot(ticket=a))
+    budget.reserve(100)  # B
+    _, c = budget.reserve_ticket(100)
+    budget.reserve(100)  # D
+    assert c == Ticket(answered=1.0, answered_tokens=100.0, tokens=100.0)
+    # When C's answer comes first, advertising 500 requests and 50,000 tokens
+    answer(budget, c, requests=500, limit_tokens=60_000, remaining_tokens=50_000)
+    # Then the level is what the server advertised less B (reserved before C, still in
+    # flight: the server may have seen C first) and D (reserved after C); A was answered
+    # before C was reserved, so the server had counted it
+    state = opening.state(budget)
+    assert state.requests_level == pytest.approx(498)
+    assert state.tokens_level == pytest.approx(49_800)
+    assert (state.answered_n, state.answered_tokens) == (2.0, 200.0)
+
+
+def test_a_pause_ends_the_opening_and_later_answers_raise_nothing(opening: Opening) -> None:
+    budget, clock = opening.make(rpm=600), opening.clock
+    _, ticket = budget.reserve_ticket(0)
+    answer(budget, ticket, requests=599)
+    assert drain(budget, 100) == [0.0] * 100
+    budget.pause(1.0)  # a 429: whatever the burst had left is dropped
+    assert opening.state(budget).opening == OPENING_DONE
+    assert budget.reserve(0) == pytest.approx(1.1)
+    clock.advance(5)
+    _, ticket = budget.reserve_ticket(0)
+    answer(budget, ticket, requests=590)  # a second answer: only lowers, never raises
+    assert drain(budget, 10) == pytest.approx([0.0] * 9 + [0.1])
+
+
+def test_only_the_first_answer_may_raise_until_the_budget_idles_a_minute(
+    opening: Opening,
+) -> None:
+    budget, clock = opening.make(rpm=600), opening.clock
+    _, first = budget.reserve_ticket(0)
+    answer(budget, first, requests=5)  # the server's bucket is not full: nothing to raise
+    assert opening.state(budget).opening == OPENING_DONE
+    _, second = budget.reserve_ticket(0)
+    answer(budget, second, requests=500)  # too late: the opening was the first answer
+    assert opening.state(budget).requests_level <= 10
+    # a minute without any operation: the server's window is full again, a new opening
+    clock.advance(60)
+    _, third = budget.reserve_ticket(0)
+    assert opening.state(budget).opening == OPENING_ARMED
+    answer(budget, third, requests=599)
+    assert opening.state(budget).requests_level == pytest.approx(599)
+
+
+def test_a_burst_is_not_lifted_by_token_give_backs_nor_cut_by_the_cap(opening: Opening) -> None:
+    budget = opening.make(tpm=60_000)  # 1000 tokens/s: cap 1000
+    _, ticket = budget.reserve_ticket(500)
+    budget.settle(
+        RateLimitSnapshot(limit_tokens=60_000, remaining_tokens=59_500, ticket=ticket), 500, 100
+    )
+    # the unused 400 are not given back above the server's figure, nor is it cut to 1000
+    assert opening.state(budget).tokens_level == pytest.approx(59_500)
+    budget.observe(RateLimitSnapshot(limit_tokens=60_000))  # a re-cap keeps a burst
+    assert opening.state(budget).tokens_level == pytest.approx(59_500)
+    budget.correct(0, 59_000)  # an overrun takes more
+    assert opening.state(budget).tokens_level == pytest.approx(500)
+    budget.correct(600, 0)  # below the cap (spent): a give-back refills up to the cap
+    assert opening.state(budget).tokens_level == pytest.approx(1000)
+    assert opening.state(budget).opening == OPENING_DONE
+
+
+def test_a_reset_state_raises_nothing_for_an_older_ticket(opening: Opening) -> None:
+    budget = opening.make(rpm=600)
+    stale = Ticket(answered=7.0, answered_tokens=0.0, tokens=0.0)  # counted before a reset
+    budget.reserve(0)
+    answer(budget, stale, requests=599)
+    assert opening.state(budget).requests_level <= 10
+
+
+def test_the_option_reaches_every_budget_from_the_config(tmp_path: Path) -> None:
+    from pytest_llmbench.config import LLMConfig
+    from pytest_llmbench.transport import budget_for
+
+    env = {"LLMBENCH_OPENING_BURST": "true"}
+    config = LLMConfig.model_validate({"run_dir": tmp_path}, context={"env": env})
+    assert config.opening_burst is True
+    assert LLMConfig.model_validate({}, context={"env": {}}).opening_burst is False
+    budget = budget_for(config, "m")
+    assert isinstance(budget, FileBudget) and budget.limits.opening_burst
+    assert repr(budget).endswith("burst_seconds=1.0, opening_burst=True)")
+    budget.close()
+
+
+def test_the_lua_script_runs_the_opening_burst_as_base_does(redis_url: str) -> None:
+    clock = ManualClock(T0)
+    kw: dict[str, Any] = {"rpm": 600, "tpm": 60_000, "opening_burst": True, "clock": clock}
+    rb = RedisBudget(redis_url, key=f"t-{uuid.uuid4().hex}", **kw)
+    mem = MemoryBudget(**kw)
+    tickets: dict[str, Ticket | None] = {}
+
+    def both(op: str, *args: Any) -> None:
+        got, want = getattr(rb, op)(*args), getattr(mem, op)(*args)
+        if op == "reserve_ticket":
+            assert got == pytest.approx(want), (op, args)
+            tickets[str(len(tickets))] = want[1]
+        else:
+            assert got == want, (op, args)
+        for name, value in mem.state.to_fields().items():
+            assert getattr(rb.state(), name) == pytest.approx(value, abs=1e-9), (op, name)
+
+    snap = RateLimitSnapshot(
+        limit_requests=600, remaining_requests=590, limit_tokens=60_000, remaining_tokens=55_000
+    )
+    for _ in range(4):
+        both("reserve_ticket", 300)
+    both("observe", RateLimitSnapshot(ticket=tickets["0"]))
+    both("settle", dataclasses.replace(snap, ticket=tickets["2"]), 300, 120)
+    both("reserve_ticket", 2000)
+    clock.advance(0.7)
+    both("correct", 300, 10)
+    both("observe", dataclasses.replace(snap, remaining_requests=1, ticket=tickets["1"]))
+    for _ in range(30):
+        both("reserve_ticket", 2000)
+    clock.advance(0.3)
+    both("reserve_ticket", 10)
+    both("pause", 0.5)
+    clock.advance(61)
+    both("reserve_ticket", 10)
+    both("observe", dataclasses.replace(snap, ticket=tickets["36"]))
+    rb.close()
+
+
+def simulate_full_bucket(
+    rpm: int | None, *, clients: int, seconds: float = 8.0
+) -> tuple[list[float], int]:
+    """Clients behind one opening-burst budget against the simulator's own limiter with a
+    bucket that starts full (``burst_seconds=60``, like llmock), with seeded latencies so
+    answers come back out of order; returns the admission times and the refusals."""
+    rng = random.Random(f"opening:{rpm}:{clients}")
+    clock = ManualClock(0.0)
+    budget = MemoryBudget(rpm=rpm, opening_burst=True, clock=clock)
+    server = ModelLimits(600, None, 60.0, clock, tolerance=0.0)
+    admitted: list[float] = []
+    refused = 0
+    seq = 0
+    events: list[tuple[float, int, str, Any]] = []
+
+    def push(t: float, kind: str, data: Any = None) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, data))
+
+    # as the runner does: without configured limits the first request goes alone (its
+    # answer is back by 0.45 s), with them every client starts at once
+    push(0.0, "ready")
+    for _ in range(clients - 1):
+        push(0.0 if rpm is not None else 0.5, "ready")
+    while events:
+        t, _, kind, data = heapq.heappop(events)
+        if t > seconds:
+            break
+        clock.t = t
+        if kind == "ready":
+            wait, ticket = budget.reserve_ticket(0)
+            push(t + wait + rng.uniform(0.001, 0.05), "arrive", ticket)
+        elif kind == "arrive":
+            ok = server.admit(1).admitted
+            if ok:
+                admitted.append(t)
+            else:
+                refused += 1
+            snap = RateLimitSnapshot.from_headers(server.headers(), data)
+            push(t + rng.uniform(0.01, 0.4), "answer", (ok, snap))
+        else:
+            ok, snap = data
+            budget.observe(snap)
+            if not ok:
+                budget.pause(1.0)
+            push(t, "ready")
+    return admitted, refused
+
+
+@pytest.mark.parametrize(("rpm", "clients"), [(None, 64), (600, 64), (None, 8)])
+def test_a_simulated_pool_spends_the_full_bucket_without_a_refusal(
+    rpm: int | None, clients: int
+) -> None:
+    admitted, refused = simulate_full_bucket(rpm, clients=clients)
+    peak = max_in_window(admitted, 1.0)
+    print(f"{len(admitted)} admitted, {peak} in the busiest second, {refused} refused")
+    assert refused == 0
+    # more in one second than the steady budget ever lets through: its cap of 10, the 10
+    # it refills in a second and the first request alone
+    assert peak > 21

@@ -200,3 +200,30 @@ def test_one_batch_job_against_llmock(
     assert ("POST", "/v1/chat/completions") not in seen  # every answer came from the job
     assert "llmbench batch:" in text
     assert "(batch, model" in text  # the summary's mode
+
+
+def busiest_second(times: list[float]) -> int:
+    """The most of ``times`` within any one second."""
+    times = sorted(times)
+    return max((sum(t <= u < t + 1.0 for u in times) for t in times), default=0)
+
+
+def test_the_opening_burst_spends_llmocks_full_bucket_without_a_429(
+    pytester: pytest.Pytester, start_llmock: Callable[..., LLMock], key: str
+) -> None:
+    # Given llmock at 600 RPM, whose bucket holds the minute's 600 requests from the start
+    # (its first answer says 599 remain), and a client told it may spend them
+    mock = start_llmock("--rpm", "600")
+    result, text = run_suite(pytester, mock, 60, "-n", "2", "--llm-opening-burst")
+    # Then the cases go out far faster than the steady 10 per second (whose budget lets
+    # 21 through in a second at most: the first alone, its 1 s cap, 10 refilled), and
+    # llmock refused none of them
+    result.assert_outcomes(passed=60)
+    chat = mock.chat()
+    assert statuses(chat) == {200: 60}, statuses(chat)
+    peak = busiest_second([r["started_at"] for r in chat])
+    print(f"llmock saw {peak} requests start in the busiest second")
+    assert peak >= 40, peak
+    assert "the opening burst allowed up to 599 requests at once" in text, text
+    errors = [f for f in mock.verdict()["findings"] if f["severity"] == "error"]
+    assert errors == [], errors

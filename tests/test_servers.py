@@ -1,11 +1,11 @@
 """Servers as they are, not as OpenAI is: a LiteLLM-style gateway's 429s, a server without
-rate-limit headers, a server without the Files and Batch APIs.
+rate-limit headers, a server without the Files and Batch APIs, a bucket that starts full.
 
 Each is the simulator with one switch (``gateway``, ``rate_limit_headers``,
-``batch_api``), reached over real HTTP with the real SDK; the runs are real pytest
-processes (``runpytest_subprocess``). No sleep stands in for a wait: a wait the client
-chose is read from its policy, and a retry that must not come early is timed from the
-call that made it.
+``batch_api``, ``burst_seconds=60``), reached over real HTTP with the real SDK; the runs
+are real pytest processes (``runpytest_subprocess``). No sleep stands in for a wait: a
+wait the client chose is read from its policy, and a retry that must not come early is
+timed from the call that made it.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ PACING = {
         {"rate_limit_headers": False},
         [],
         "llmbench pacing: not paced: the server sends no rate-limit headers; "
-        "concurrency alone (--llm-concurrency 64) bounds it",
+        "concurrency alone bounds it: settled at ",
     ),
     "headers": ({}, [], "llmbench pacing: paced by the server's x-ratelimit headers"),
     "configured": (
@@ -202,7 +202,7 @@ PACING = {
     "configured, no headers": (
         {"rate_limit_headers": False},
         ["--llm-tpm", "900000"],
-        "llmbench pacing: paced by --llm-rpm/--llm-tpm (tpm 900000)\n",
+        "llmbench pacing: paced by --llm-rpm/--llm-tpm (tpm 900000); concurrency settled at ",
     ),
 }
 
@@ -257,3 +257,54 @@ def test_a_404_for_an_object_is_not_a_missing_batch_api(sim: Simulator) -> None:
     with pytest.raises(NoBatchApi, match=r"\(POST /batches answered 404\)"):
         api.create("file-nonexistent", "/v1/chat/completions", "24h", 1)
     client.close()
+
+
+# ------------------------------------------------------- 4. a bucket that starts full
+#: the simulator's limit in these runs: 10 per second, a whole minute's bucket from the start
+FULL_BUCKET_RPM = 600
+#: the most a steady budget lets through in any second at that rate: the request that
+#: goes alone, the 1 s burst cap (10) and 10 refilled
+STEADY_PEAK = 1 + 10 + 10
+
+
+def full_bucket_run(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, *args: str
+) -> tuple[str, dict[str, Any]]:
+    """40 cases, two workers, against a simulator whose bucket holds a minute's allowance
+    (enforced and advertised alike, as llmock's); returns the output and its statistics."""
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    write_suite(pytester, 40)
+    with Simulator(SimConfig(rpm=FULL_BUCKET_RPM, burst_seconds=60), port=0) as sim:
+        result = pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2",
+            "--llm-base-url", sim.base_url, *args,
+        )  # fmt: skip
+        stats = sim.stats()
+    result.assert_outcomes(passed=40)
+    print(f"busiest second: {stats['peak_answered_1s']}, 429s: {stats['rate_limit_429']}")
+    return text_of(result), stats
+
+
+def test_the_opening_burst_spends_the_full_bucket_without_a_refusal(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a server whose first answer advertises 599 requests left this minute
+    text, stats = full_bucket_run(pytester, monkeypatch, "--llm-opening-burst")
+    # Then the run spends them: far more answered in one second than the steady budget
+    # lets through, and the server refused nothing
+    assert stats["peak_answered_1s"] >= 30, stats["answered_per_second"]
+    assert stats["rate_limit_429"] == 0 and stats["chat_answered"] == 40
+    assert (
+        "llmbench pacing: paced by the server's x-ratelimit headers; the opening burst "
+        "allowed up to 599 requests at once, as the server advertised (--llm-opening-burst)"
+    ) in text, text
+
+
+def test_without_the_option_a_full_bucket_is_paced_at_the_steady_rate(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text, stats = full_bucket_run(pytester, monkeypatch)
+    assert stats["peak_answered_1s"] <= STEADY_PEAK + 2, stats["answered_per_second"]
+    assert stats["rate_limit_429"] == 0
+    pacing = next(line for line in text.splitlines() if line.startswith("llmbench pacing:"))
+    assert "paced by the server's x-ratelimit headers" in pacing and "opening" not in pacing

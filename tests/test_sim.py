@@ -713,6 +713,35 @@ def test_latency_and_peak_in_flight(start, client) -> None:
     assert len(stats["answered_per_second"]) <= 2, stats["answered_per_second"]
 
 
+def test_parallelism_queues_the_rest_like_llama_cpp(start, client) -> None:
+    # Given a server that answers 2 requests at a time, 0.2 s each
+    sim = start(latency=LatencyConfig(kind="fixed", mean=0.2), parallelism=2)
+    c = client(sim)
+    # When 6 requests are sent at once
+    with ThreadPoolExecutor(6) as pool:
+        assert all(r.choices for r in pool.map(lambda _: _call(c), range(6)))
+    stats = sim.stats()
+    # Then all 6 were accepted and held, but only 2 were served at once: the others waited
+    # their turn in the queue (their latency includes the wait), none is left over
+    assert stats["peak_in_flight"] == 6 and stats["peak_serving"] == 2
+    assert stats["chat_answered"] == 6 and stats["serving"] == 0 == stats["in_flight"]
+
+
+def test_parallelism_none_is_unlimited_and_is_a_cli_flag(start, client) -> None:
+    # Given the default (no parallelism limit) and a fixed latency
+    sim = start(latency=LatencyConfig(kind="fixed", mean=0.2))
+    c = client(sim)
+    with ThreadPoolExecutor(6) as pool:
+        assert all(r.choices for r in pool.map(lambda _: _call(c), range(6)))
+    # Then all 6 were served side by side
+    assert sim.stats()["peak_serving"] == 6
+    # And the CLI sets it, refusing 0
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["--parallelism", "1"]), parser).parallelism == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--parallelism", "0"])
+
+
 def test_lognormal_latency_parse_and_cli_spec() -> None:
     cfg = LatencyConfig.parse("lognormal:0.5:0.5")
     assert (cfg.kind, cfg.mean, cfg.sigma) == ("lognormal", 0.5, 0.5)

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 import pytest_llmbench
-from pytest_llmbench.errors import StoreError
+from pytest_llmbench.errors import StoreError, UnusableStoreError
+from pytest_llmbench.run_dir import check_store
 from pytest_llmbench.store import (
     STORE_FILENAME,
     ResponseStore,
@@ -228,7 +229,8 @@ def test_garbage_file_is_a_store_error_naming_the_path(tmp_path: Path) -> None:
         ResponseStore(path)
 
     message = str(info.value)
-    assert str(path) in message and "--llm-fresh" in message and "\n" not in message
+    assert str(path) in message and "move it aside or delete it" in message
+    assert "\n" not in message and isinstance(info.value, UnusableStoreError)
     assert path.read_bytes().startswith(b"this is not a database")  # never deleted
 
 
@@ -241,8 +243,9 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         conn.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
     conn.close()
 
-    with pytest.raises(StoreError, match=r"schema version '99'.*delete it or run with --llm-fresh"):
+    with pytest.raises(StoreError, match=r"newer pytest-llmbench \(store schema 99") as info:
         ResponseStore(path)
+    assert not isinstance(info.value, UnusableStoreError)  # never set aside: not broken
 
 
 def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
@@ -254,6 +257,21 @@ def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError, match="some other program"):
         ResponseStore(path)
+
+
+def test_check_store_sets_an_unusable_file_aside_with_its_wal(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILENAME
+    path.write_bytes(b"not a database" * 100)
+    path.with_name(STORE_FILENAME + "-wal").write_bytes(b"frames")
+
+    line = check_store(tmp_path)
+
+    (aside,) = tmp_path.glob(f"{STORE_FILENAME}.unusable-*[0-9]")
+    assert line is not None and str(path) in line and f"set aside as {aside.name}" in line
+    assert aside.read_bytes() == b"not a database" * 100
+    assert aside.with_name(aside.name + "-wal").read_bytes() == b"frames"  # kept beside it
+    assert not path.with_name(STORE_FILENAME + "-wal").exists()  # a new store never pairs it
+    assert check_store(tmp_path) is None and ResponseStore(path).keys() == []
 
 
 def test_missing_directory_is_a_store_error(tmp_path: Path) -> None:

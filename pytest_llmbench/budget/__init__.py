@@ -18,6 +18,7 @@ from .base import (
     MemoryBudget,
     NullBudget,
     RateLimitSnapshot,
+    Ticket,
     mask_url,
     parse_duration,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "NullBudget",
     "RateLimitSnapshot",
     "RedisBudget",
+    "Ticket",
     "mask_url",
     "open_budget",
     "parse_duration",
@@ -50,6 +52,7 @@ def open_budget(
     rpm: int | None,
     tpm: int | None,
     burst_seconds: float = 1.0,
+    opening_burst: bool = False,
 ) -> Budget:
     """Open the shared budget for ``key`` (the model name).
 
@@ -57,16 +60,26 @@ def open_budget(
     ``run_dir/budget-<key>.json``; ``redis://host:port/db`` (also ``rediss://``,
     ``unix://``) a :class:`RedisBudget`. With ``rpm`` and ``tpm`` both None the budget
     starts unlimited and learns the limits from the response headers. ``"none"`` paces
-    nothing (a cassette replay, a server without limits).
+    nothing (a cassette replay, a server without limits). ``opening_burst`` lets the first
+    answer's advertised ``remaining`` be spent at once (see :mod:`.base`).
     """
     if url == "none":
         return NullBudget()
     if url in (None, "", "file"):
         path = Path(run_dir) / f"budget-{safe_name(key)}.json"
-        return FileBudget(path, rpm=rpm, tpm=tpm, burst_seconds=burst_seconds)
+        return FileBudget(
+            path, rpm=rpm, tpm=tpm, burst_seconds=burst_seconds, opening_burst=opening_burst
+        )
     assert url is not None
     if url.startswith(_REDIS_SCHEMES):
-        return RedisBudget(url, key=key, rpm=rpm, tpm=tpm, burst_seconds=burst_seconds)
+        return RedisBudget(
+            url,
+            key=key,
+            rpm=rpm,
+            tpm=tpm,
+            burst_seconds=burst_seconds,
+            opening_burst=opening_burst,
+        )
     raise BudgetError(
         f"unknown budget {mask_url(url)!r}: use 'file', 'none' or a redis://host:port/db URL"
     )

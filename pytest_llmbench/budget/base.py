@@ -8,6 +8,34 @@ thundering herd, and a process that dies after reserving has merely used capacit
 
 The algorithm is a set of functions on :class:`BudgetState` so the file budget, the
 in-memory budget and the tests share it; ``redis.py`` carries a Lua copy of it.
+
+**The opening burst** (``Limits.opening_burst``, ``--llm-opening-burst``, off by default).
+OpenAI enforces a per-minute limit over short periods, so the cap stays ``burst_seconds``
+of refill; but some servers (llmock, some gateways) really hold a whole minute's allowance
+in a bucket that starts full, and their first answers say so in ``x-ratelimit-remaining-*``.
+With the option, the first answer that carries a ``remaining`` after a fresh start (a new
+state, or one idle for a full minute: the server's window has refilled) may raise the
+level to what the server advertises, less every reservation the server may not have
+counted yet. Which those are is told by counters in the shared state: ``reserved_n`` (and
+``reserved_tokens``) count every reservation ever made, ``answered_n`` (and
+``answered_tokens``) every reservation whose answer came back. ``reserve`` hands out a
+:class:`Ticket` with the answered counts of that moment, and the answer's snapshot carries
+it back. An answer comes after its request reached the server, so every reservation
+answered before this request was even reserved was counted by the server before this
+one; any other reservation (later ones, and earlier ones still in flight, in any process)
+may not have been, and is subtracted::
+
+    level = remaining - (reserved_n - 1 - ticket.answered)          # requests
+    level = remaining - (reserved_tokens - ticket.tokens - ticket.answered_tokens)
+
+That is never more than the server has (a reservation whose answer never came, such as a
+timeout, stays subtracted: too cautious, never too bold; for tokens, as far as a
+reservation covers what the server charges, which the prompt-plus-max-tokens estimate is
+meant to). The level is raised only when
+that is more than it holds. A level above the cap is then spent but never refilled, and
+no re-cap or token give-back lifts it; once no level is above the cap, or at any pause
+(429), the opening is over and the budget is the steady one again. Only the first answer
+with a ``remaining`` gets to raise it; later answers clamp it down as always.
 """
 
 from __future__ import annotations
@@ -73,8 +101,23 @@ def mask_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class Ticket:
+    """What the budget had counted when a request was reserved: the answers back by then
+    (requests and their tokens) and the request's own tokens. It travels with the answer's
+    :class:`RateLimitSnapshot` so the opening burst knows which reservations the server's
+    ``remaining`` may not include yet (see the module docstring)."""
+
+    answered: float
+    answered_tokens: float
+    tokens: float
+
+
+@dataclass(frozen=True)
 class RateLimitSnapshot:
-    """What one response's ``x-ratelimit-*`` headers said; a field is None when absent."""
+    """What one response's ``x-ratelimit-*`` headers said; a field is None when absent.
+
+    ``ticket`` is the reservation of the request this answers (None when unknown).
+    """
 
     limit_requests: int | None = None
     remaining_requests: int | None = None
@@ -82,9 +125,12 @@ class RateLimitSnapshot:
     limit_tokens: int | None = None
     remaining_tokens: int | None = None
     reset_tokens_s: float | None = None
+    ticket: Ticket | None = None
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> RateLimitSnapshot:
+    def from_headers(
+        cls, headers: Mapping[str, str], ticket: Ticket | None = None
+    ) -> RateLimitSnapshot:
         """Parse the headers; missing or garbage values become None, never an exception.
 
         When a project token limit is reported too, the more restrictive one wins.
@@ -107,16 +153,19 @@ class RateLimitSnapshot:
             limit_tokens=None if limit_t is None else int(limit_t),
             remaining_tokens=None if remaining_t is None else int(remaining_t),
             reset_tokens_s=tokens("reset", parse_duration),
+            ticket=ticket,
         )
 
 
 @dataclass(frozen=True)
 class Limits:
-    """One process's configuration: per-minute limits (None = unknown) and the burst cap."""
+    """One process's configuration: per-minute limits (None = unknown), the burst cap, and
+    whether the opening burst may spend what the first answer advertises."""
 
     rpm: float | None = None
     tpm: float | None = None
     burst_seconds: float = 1.0
+    opening_burst: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
@@ -133,7 +182,10 @@ class BudgetState:
 
     A level of None means "full" (fresh state, or no limit known for that bucket).
     ``*_server_limit`` is the last ``x-ratelimit-limit-*`` seen; the limit in force is
-    the lower of it and the configured one. Times are wall-clock seconds.
+    the lower of it and the configured one. Times are wall-clock seconds. ``opening`` is
+    the opening burst's phase (``OPENING_*``), the counters its bookkeeping, and
+    ``opening_granted`` the request level the last opening raised the budget to above its
+    cap (0: none, or none since the budget was last idle for a minute).
     """
 
     ts: float = 0.0
@@ -143,6 +195,12 @@ class BudgetState:
     requests_server_limit: float | None = None
     tokens_level: float | None = None
     tokens_server_limit: float | None = None
+    opening: float = 1.0  # OPENING_ARMED
+    reserved_n: float = 0.0
+    reserved_tokens: float = 0.0
+    answered_n: float = 0.0
+    answered_tokens: float = 0.0
+    opening_granted: float = 0.0
 
     @classmethod
     def from_fields(cls, data: Mapping[str, Any]) -> BudgetState:
@@ -166,6 +224,12 @@ class BudgetState:
 
 
 STATE_FIELDS = tuple(f.name for f in dataclasses.fields(BudgetState))
+
+#: the opening burst's phases: the next answer with a ``remaining`` may raise the level;
+#: a raised level is being spent; over (until the budget is idle for a minute)
+OPENING_ARMED, OPENING_SPENDING, OPENING_DONE = 1.0, 2.0, 0.0
+#: a budget idle this long starts a new opening: the server's per-minute window is full
+IDLE_REARM_S = 60.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,12 +258,26 @@ def _refill(state: BudgetState, limits: Limits, now: float) -> None:
         state.ts = now
     # paused time earns nothing, so a pause does not bank a burst for when it ends
     credit = max(0.0, now - max(state.ts, state.paused_until))
+    if credit >= IDLE_REARM_S:  # idle a whole window (or fresh): a new opening
+        state.opening, state.opening_granted = OPENING_ARMED, 0.0
     rpm, tpm = limits_in_force(state, limits)
     state.requests_level = _bucket(
         state, limits, state.requests_level, rpm, tokens=False, credit=credit
     )
     state.tokens_level = _bucket(state, limits, state.tokens_level, tpm, tokens=True, credit=credit)
     state.ts = now
+    if state.opening == OPENING_SPENDING and not _above_cap(state, limits):
+        state.opening = OPENING_DONE  # the burst is spent: the steady budget again
+
+
+def _above_cap(state: BudgetState, limits: Limits) -> bool:
+    """Whether a level is above its cap (what only an opening burst can do)."""
+    rpm, tpm = limits_in_force(state, limits)
+    buckets = ((state.requests_level, rpm, False), (state.tokens_level, tpm, True))
+    return any(
+        level is not None and limit is not None and level > capacity(state, limits, limit, tokens=t)
+        for level, limit, t in buckets
+    )
 
 
 def _bucket(
@@ -212,11 +290,15 @@ def _bucket(
     credit: float = 0.0,
     ceiling: float | None = None,
 ) -> float | None:
-    """A bucket's level refilled for ``credit`` seconds, capped, and at most ``ceiling``."""
+    """A bucket's level refilled for ``credit`` seconds, capped, and at most ``ceiling``.
+    A burst being spent (above the cap) earns nothing and is not cut to the cap."""
     if limit is None:
         return None
     cap = capacity(state, limits, limit, tokens=tokens)
-    level = cap if level is None else min(cap, level + credit * limit / 60.0)
+    if level is None:
+        level = cap
+    elif not (state.opening == OPENING_SPENDING and level > cap):
+        level = min(cap, level + credit * limit / 60.0)
     return level if ceiling is None else min(level, float(ceiling))
 
 
@@ -246,6 +328,8 @@ def reserve(state: BudgetState, limits: Limits, tokens: int, now: float) -> floa
         )
     state.peak_tokens = max(state.peak_tokens, float(tokens))
     _refill(state, limits, now)
+    state.reserved_n += 1.0
+    state.reserved_tokens += float(tokens)
     if state.requests_level is not None:
         state.requests_level -= 1.0
     if state.tokens_level is not None:
@@ -253,13 +337,20 @@ def reserve(state: BudgetState, limits: Limits, tokens: int, now: float) -> floa
     return wait_time(state, limits, now)
 
 
+def ticket_of(state: BudgetState, tokens: int) -> Ticket:
+    """The ticket of a reservation of ``tokens`` made in ``state`` just now."""
+    return Ticket(state.answered_n, state.answered_tokens, float(tokens))
+
+
 def correct(state: BudgetState, limits: Limits, reserved: int, actual: int, now: float) -> None:
-    """Give back (or take more of) the tokens once the real usage is known."""
+    """Give back (or take more of) the tokens once the real usage is known; a give-back
+    never lifts the level above the cap, nor a burst above where it is."""
     _refill(state, limits, now)
     tpm = limits_in_force(state, limits)[1]
     if tpm is not None and state.tokens_level is not None:
         cap = capacity(state, limits, tpm, tokens=True)
-        state.tokens_level = min(cap, state.tokens_level + float(reserved) - float(actual))
+        level = state.tokens_level
+        state.tokens_level = min(max(cap, level), level + float(reserved) - float(actual))
 
 
 def observe(state: BudgetState, limits: Limits, snap: RateLimitSnapshot, now: float) -> None:
@@ -267,7 +358,8 @@ def observe(state: BudgetState, limits: Limits, snap: RateLimitSnapshot, now: fl
 
     A reported limit replaces the learned one (so a limit below the configured one rules
     every process, and an unconfigured budget learns its limit); a reported ``remaining``
-    below our level lowers the level, since the server will refuse what it lacks.
+    below our level lowers the level, since the server will refuse what it lacks. The
+    opening's first answer may raise it (see the module docstring).
     """
     _refill(state, limits, now)
     if snap.limit_requests:
@@ -282,6 +374,38 @@ def observe(state: BudgetState, limits: Limits, snap: RateLimitSnapshot, now: fl
     state.tokens_level = _bucket(
         state, limits, state.tokens_level, tpm, tokens=True, ceiling=snap.remaining_tokens
     )
+    if snap.remaining_requests is not None or snap.remaining_tokens is not None:
+        _open(state, limits, snap)
+    if snap.ticket is not None:
+        state.answered_n += 1.0
+        state.answered_tokens += snap.ticket.tokens
+
+
+def _open(state: BudgetState, limits: Limits, snap: RateLimitSnapshot) -> None:
+    """The opening burst: the first answer with a ``remaining`` after a fresh start may
+    raise the levels to it, less the reservations the server may not have counted."""
+    if state.opening != OPENING_ARMED:
+        return
+    state.opening = OPENING_DONE  # one answer only, whatever it says
+    t = snap.ticket
+    if not limits.opening_burst or t is None or t.answered > state.answered_n:
+        return  # off, no ticket, or the state was reset since the request was reserved
+    unseen_n = max(0.0, state.reserved_n - 1.0 - t.answered)
+    unseen_tokens = max(0.0, state.reserved_tokens - t.tokens - t.answered_tokens)
+    rpm, tpm = limits_in_force(state, limits)
+    raised = False
+    if rpm is not None and state.requests_level is not None and snap.remaining_requests is not None:
+        target = snap.remaining_requests - unseen_n
+        if target > state.requests_level:
+            state.requests_level, raised = target, True
+            if target > capacity(state, limits, rpm, tokens=False):
+                state.opening_granted = target
+    if tpm is not None and state.tokens_level is not None and snap.remaining_tokens is not None:
+        target = snap.remaining_tokens - unseen_tokens
+        if target > state.tokens_level:
+            state.tokens_level, raised = target, True
+    if raised and _above_cap(state, limits):
+        state.opening = OPENING_SPENDING
 
 
 def learned(state: BudgetState) -> bool:
@@ -294,6 +418,7 @@ def pause(state: BudgetState, limits: Limits, seconds: float, now: float) -> Non
     """Stop every process until ``now + seconds`` and drop any banked burst (after a 429)."""
     _refill(state, limits, now)
     state.paused_until = max(state.paused_until, now + max(0.0, seconds))
+    state.opening = OPENING_DONE
     if state.requests_level is not None:
         state.requests_level = min(state.requests_level, 0.0)
     if state.tokens_level is not None:
@@ -318,7 +443,8 @@ class Budget(Protocol):
 
 
 class BaseBudget:
-    """``acquire``/``aacquire`` on top of a subclass's ``reserve``; sleeping outside locks."""
+    """``acquire``/``aacquire`` on top of a subclass's ``reserve`` (or ``reserve_ticket``);
+    sleeping outside locks."""
 
     def __init__(self, *, sleep: Sleep = time.sleep) -> None:
         self._sleep = sleep
@@ -326,19 +452,32 @@ class BaseBudget:
     def reserve(self, tokens: int) -> float:
         raise NotImplementedError
 
+    def reserve_ticket(self, tokens: int) -> tuple[float, Ticket | None]:
+        """``reserve``, plus the reservation's :class:`Ticket` for the answer's snapshot
+        (None from a budget that keeps no counts)."""
+        return self.reserve(tokens), None
+
     def acquire(self, tokens: int) -> float:
         """Reserve, then sleep the computed wait; return the seconds waited."""
-        wait = self.reserve(tokens)
+        return self.acquire_ticket(tokens)[0]
+
+    def acquire_ticket(self, tokens: int) -> tuple[float, Ticket | None]:
+        """``acquire``, returning the seconds waited and the reservation's ticket."""
+        wait, ticket = self.reserve_ticket(tokens)
         if wait > 0:
             self._sleep(wait)
-        return wait
+        return wait, ticket
 
     async def aacquire(self, tokens: int) -> float:
         """Like ``acquire`` without blocking the event loop (the lock is taken in a thread)."""
-        wait = await asyncio.to_thread(self.reserve, tokens)
+        return (await self.aacquire_ticket(tokens))[0]
+
+    async def aacquire_ticket(self, tokens: int) -> tuple[float, Ticket | None]:
+        """The async twin of ``acquire_ticket``."""
+        wait, ticket = await asyncio.to_thread(self.reserve_ticket, tokens)
         if wait > 0:
             await asyncio.sleep(wait)
-        return wait
+        return wait, ticket
 
     def settle(self, snapshot: RateLimitSnapshot, reserved_tokens: int, actual_tokens: int) -> None:
         """An answer's feedback: ``observe(snapshot)``, then ``correct(reserved, actual)``
@@ -357,6 +496,11 @@ class BaseBudget:
         observation counts); None when this budget cannot tell."""
         return None
 
+    def opening_granted(self) -> float | None:
+        """The request level the last opening burst raised the budget to, above its cap
+        (0: none); None when this budget cannot tell."""
+        return None
+
     def close(self) -> None:
         """Release resources; the shared state stays for other processes."""
 
@@ -373,8 +517,8 @@ class NullBudget(BaseBudget):
     def reserve(self, tokens: int) -> float:
         return 0.0
 
-    async def aacquire(self, tokens: int) -> float:
-        return 0.0
+    async def aacquire_ticket(self, tokens: int) -> tuple[float, Ticket | None]:
+        return 0.0, None
 
     def correct(self, reserved_tokens: int, actual_tokens: int) -> None:
         pass
@@ -401,18 +545,23 @@ class MemoryBudget(BaseBudget):
         rpm: float | None = None,
         tpm: float | None = None,
         burst_seconds: float = 1.0,
+        opening_burst: bool = False,
         clock: Clock = time.time,
         sleep: Sleep = time.sleep,
     ) -> None:
         super().__init__(sleep=sleep)
-        self.limits = Limits(rpm, tpm, burst_seconds)
+        self.limits = Limits(rpm, tpm, burst_seconds, opening_burst)
         self.state = BudgetState()
         self._clock = clock
         self._lock = threading.Lock()
 
     def reserve(self, tokens: int) -> float:
+        return self.reserve_ticket(tokens)[0]
+
+    def reserve_ticket(self, tokens: int) -> tuple[float, Ticket]:
         with self._lock:
-            return reserve(self.state, self.limits, tokens, self._clock())
+            wait = reserve(self.state, self.limits, tokens, self._clock())
+            return wait, ticket_of(self.state, tokens)
 
     def correct(self, reserved_tokens: int, actual_tokens: int) -> None:
         with self._lock:
@@ -430,6 +579,15 @@ class MemoryBudget(BaseBudget):
         with self._lock:
             return learned(self.state)
 
+    def opening_granted(self) -> float:
+        with self._lock:
+            return self.state.opening_granted
+
     def __repr__(self) -> str:
-        lim = self.limits
-        return f"MemoryBudget(rpm={lim.rpm}, tpm={lim.tpm}, burst_seconds={lim.burst_seconds})"
+        return f"MemoryBudget({describe_limits(self.limits)})"
+
+
+def describe_limits(limits: Limits) -> str:
+    """The limits as a repr shows them (``opening_burst`` only when on)."""
+    text = f"rpm={limits.rpm}, tpm={limits.tpm}, burst_seconds={limits.burst_seconds}"
+    return text + (", opening_burst=True" if limits.opening_burst else "")

@@ -2,7 +2,9 @@
 
 Every operation is one locked read-modify-write of ``budget-<model>.json`` (about 30 us,
 most of it JSON: an ``flock`` on a descriptor the process keeps open, one ``pread``, one
-``pwrite``); callers sleep outside the lock. Why it survives crashes:
+``pwrite``; 37 us since the record holds the opening burst's six counters too, 31 us
+before, best of 7 x 5000 reserves in one process); callers sleep outside the lock. Why it
+survives crashes:
 
 * the lock is ``flock(2)`` on a separate ``.lock`` file, which the kernel releases when
   the holder dies, so a SIGKILLed process never leaves the pool locked. Each process opens
@@ -53,7 +55,16 @@ from filelock import FileLock, Timeout
 
 from ..errors import BudgetError
 from . import base
-from .base import BaseBudget, BudgetState, Clock, Limits, RateLimitSnapshot, Sleep
+from .base import (
+    BaseBudget,
+    BudgetState,
+    Clock,
+    Limits,
+    RateLimitSnapshot,
+    Sleep,
+    Ticket,
+    describe_limits,
+)
 
 FORMAT_VERSION = 1
 RECORD_SIZE = 512  # the JSON is padded to this; longer records are written whole
@@ -179,13 +190,14 @@ class FileBudget(BaseBudget):
         rpm: float | None = None,
         tpm: float | None = None,
         burst_seconds: float = 1.0,
+        opening_burst: bool = False,
         clock: Clock = time.time,
         sleep: Sleep = time.sleep,
         lock_timeout: float = 30.0,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> None:
         super().__init__(sleep=sleep)
-        self.limits = Limits(rpm, tpm, burst_seconds)
+        self.limits = Limits(rpm, tpm, burst_seconds, opening_burst)
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._clock = clock
@@ -205,21 +217,27 @@ class FileBudget(BaseBudget):
     # -- the Budget protocol
 
     def reserve(self, tokens: int) -> float:
-        return self._update(lambda s, now: base.reserve(s, self.limits, tokens, now))
+        return self.reserve_ticket(tokens)[0]
 
-    async def aacquire(self, tokens: int) -> float:
+    def reserve_ticket(self, tokens: int) -> tuple[float, Ticket]:
+        return self._update(self._reservation(tokens))
+
+    def _reservation(self, tokens: int) -> Callable[[BudgetState, float], tuple[float, Ticket]]:
+        def change(s: BudgetState, now: float) -> tuple[float, Ticket]:
+            return base.reserve(s, self.limits, tokens, now), base.ticket_of(s, tokens)
+
+        return change
+
+    async def aacquire_ticket(self, tokens: int) -> tuple[float, Ticket | None]:
         """Reserve without blocking the event loop: inline when the lock is free at once
         (one short read-modify-write), in a thread when another holder has it."""
-
-        def change(s: BudgetState, now: float) -> float:
-            return base.reserve(s, self.limits, tokens, now)
-
-        wait = self._try_update(change)
-        if wait is None:
-            wait = await asyncio.to_thread(self._update, change)
-        if wait > 0:
-            await asyncio.sleep(wait)
-        return wait
+        change = self._reservation(tokens)
+        reserved = self._try_update(change)
+        if reserved is None:
+            reserved = await asyncio.to_thread(self._update, change)
+        if reserved[0] > 0:
+            await asyncio.sleep(reserved[0])
+        return reserved
 
     def correct(self, reserved_tokens: int, actual_tokens: int) -> None:
         self._update(
@@ -249,17 +267,16 @@ class FileBudget(BaseBudget):
     def learned_limits(self) -> bool:
         return base.learned(self.state())
 
+    def opening_granted(self) -> float:
+        return self.state().opening_granted
+
     def close(self) -> None:
         """Close the lock file (it is opened again if the budget is used again)."""
         with self._thread_lock:
             self._flock.close()
 
     def __repr__(self) -> str:
-        lim = self.limits
-        return (
-            f"FileBudget({str(self.path)!r}, rpm={lim.rpm}, tpm={lim.tpm}, "
-            f"burst_seconds={lim.burst_seconds})"
-        )
+        return f"FileBudget({str(self.path)!r}, {describe_limits(self.limits)})"
 
     # -- the locked read-modify-write
 
@@ -349,3 +366,23 @@ def _parse(raw: bytes | None) -> BudgetState:
 def _serialize(state: BudgetState) -> bytes:
     data = json.dumps({"version": FORMAT_VERSION, **state.to_fields()}, separators=(",", ":"))
     return data.encode().ljust(RECORD_SIZE, b" ")
+
+
+def torn_record(path: Path) -> str | None:
+    """What is wrong with the budget record at ``path`` (torn by a power loss, edited by
+    hand, another program's), or None when it is fine, empty or absent. Such a record is
+    read as fresh state (:func:`_parse`) and overwritten by the next reservation: the
+    controller reports it once when a run starts, so it never goes unnoticed."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if not raw.strip():
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        return f"not JSON: {exc}"
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+        return f"not a version {FORMAT_VERSION} budget record"
+    return None

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latency", type=_latency, help="none | fixed:S | uniform:LO:HI | lognormal:MEAN:SIGMA"
     )
+    p.add_argument(
+        "--parallelism",
+        type=_positive(int),
+        help="chat requests answered at once at most; the rest queue (like llama.cpp)",
+    )
     p.add_argument("--answer-key", metavar="PATH", help="answer key (JSON list or JSONL)")
     p.add_argument(
         "--tokenizer",
@@ -155,6 +160,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         "burst_seconds",
         "default_max_tokens",
         "latency",
+        "parallelism",
         "quota_exceeded",
         "hang_seconds",
         "seed",

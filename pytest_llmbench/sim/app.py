@@ -3,13 +3,15 @@
 Order of checks for a chat request, as the API does it: API key (401), JSON body and
 parameters (400), model (404), quota mode (429 ``insufficient_quota``), storm (429), the
 rate limiter (429, or "Request too large"), then a scripted or drawn fault, then the answer
-after the configured latency. Every chat response past the model check carries the
-``x-ratelimit-*`` headers of that model (none for unlimited limits).
+after the configured latency (with ``parallelism`` set, after a wait for a free slot too).
+Every chat response past the model check carries the ``x-ratelimit-*`` headers of that
+model (none for unlimited limits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +31,26 @@ from .state import SimState
 STATE: web.AppKey[SimState] = web.AppKey("state", SimState)
 BATCHES: web.AppKey[BatchManager] = web.AppKey("batches", BatchManager)
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing", asyncio.Event)
+
+
+class Slots:
+    """The server's parallelism: at most N chat answers are worked on at once, the others
+    wait in FIFO order (asyncio's semaphore wakes its waiters in order); None: no limit."""
+
+    def __init__(self) -> None:
+        self._size: int | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def slot(self, parallelism: int | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        if parallelism is None:
+            return contextlib.nullcontext()
+        if self._semaphore is None or self._size != parallelism:
+            # a changed setting: new arrivals queue on the new size
+            self._size, self._semaphore = parallelism, asyncio.Semaphore(parallelism)
+        return self._semaphore
+
+
+SLOTS: web.AppKey[Slots] = web.AppKey("slots", Slots)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BAD_JSON = (
@@ -147,6 +169,16 @@ def rate_limited(
     )
 
 
+async def serve(request: web.Request, state: SimState, parallelism: int | None) -> None:
+    """The answer's latency, in one of the server's ``parallelism`` slots (waited for in
+    FIFO order, so a queued request's latency includes its wait, as with llama.cpp)."""
+    async with request.app[SLOTS].slot(parallelism):
+        with state.serving():
+            delay = state.latency()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     with state.chat_in_flight():
@@ -199,9 +231,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 drop_connection(request)  # the server is stopping
         answer = answer_chat(req, state.index, cfg, state.next_draw(req.hash))
         body = completion_object(req, answer, int(time.time()))
-        delay = state.latency()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await serve(request, state, cfg.parallelism)
         if fault == "malformed":
             text = json.dumps(body)
             return web.Response(
@@ -358,6 +388,7 @@ def make_app(state: SimState) -> web.Application:
     app[STATE] = state
     app[BATCHES] = BatchManager(state, FileStore())
     app[CLOSING] = asyncio.Event()
+    app[SLOTS] = Slots()
     app.on_shutdown.append(_close_batches)
     r = app.router
     r.add_post("/v1/chat/completions", chat_completions)

@@ -42,6 +42,9 @@ Latency and faults
     ``latency`` (:class:`LatencyConfig`), ``faults`` (probability per kind, e.g.
     ``{"500": 0.1}``), ``script`` (kinds applied in order to the next chat requests; ``ok``
     lets one through), ``storm`` (:class:`StormConfig`; setting it arms it),
+    ``parallelism`` (None = unlimited: at most this many chat requests are answered at
+    once, the others wait their turn in a FIFO queue, and their latency includes the wait,
+    like llama.cpp's server with ``--parallel N``),
     ``hang_seconds`` (300), ``fault_retry_after_ms`` (200, for injected ``429``).
 Answers
     ``answer_key`` (list of :class:`AnswerItem`), ``answer_key_path`` (JSON/JSONL file, added
@@ -214,6 +217,7 @@ class SimConfig(BaseModel):
     quota_exceeded: bool = False
 
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    parallelism: int | None = Field(default=None, ge=1)
     faults: dict[FaultKind, float] = Field(default_factory=dict)
     script: list[ScriptEntry] = Field(default_factory=list)
     storm: StormConfig | None = None

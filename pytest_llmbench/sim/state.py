@@ -13,6 +13,8 @@ Statistics (``GET /_sim/stats``; ``/_sim/*`` requests are not counted):
 ``quota_429``                 429 ``insufficient_quota``
 ``prompt_tokens`` / ``completion_tokens``   tokens of answered chat requests
 ``in_flight`` / ``peak_in_flight``          chat requests being handled (now / at most)
+``serving`` / ``peak_serving``              of those, past the ``parallelism`` queue (now /
+                              at most): in their latency, or answering
 ``duplicate_bodies``          answers to a body identical to one answered 200 before
 ``duplicate_body_hashes``     ``{sha256 of canonical body: times answered again}``
 ``undelivered``               answers not counted: the client had gone when they were ready
@@ -20,6 +22,8 @@ Statistics (``GET /_sim/stats``; ``/_sim/*`` requests are not counted):
 ``batch_lines_processed``     lines executed (counted when their batch leaves in_progress)
 ``faults_injected``           ``{"500"|"503"|"drop"|"hang"|"malformed"|"429"|"storm": n}``
 ``answered_per_second``       ``{epoch second: chat requests answered 200 in it}``
+``peak_answered_1s``          the most chat requests answered 200 within one second (a
+                              sliding window: a burst across a second's edge counts whole)
 ``rate_tokens_per_second``    ``{epoch second: TPM tokens admitted in it}``
 ``started_at``                epoch seconds of the last start or reset
 ``storm_active`` / ``script_left``          a storm is running / scripted faults still queued
@@ -30,6 +34,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,6 +67,7 @@ class SimState:
         self._limits: dict[str, ModelLimits] = {}
         self._storm: Storm | None = None
         self._in_flight = 0
+        self._serving = 0
         self._draws: dict[str, int] = {}
         self._answered: dict[str, int] = {}
         self._seed_rngs()
@@ -177,6 +183,7 @@ class SimState:
     # -- statistics ----------------------------------------------------------------------
 
     def _clear_stats(self) -> None:
+        self._answer_times: deque[float] = deque()  # the last second's, for peak_answered_1s
         self._stats: dict[str, Any] = {
             "requests_total": 0,
             "chat_requests": 0,
@@ -187,6 +194,7 @@ class SimState:
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "peak_in_flight": self._in_flight,
+            "peak_serving": self._serving,
             "duplicate_bodies": 0,
             "undelivered": 0,
             "duplicate_body_hashes": {},
@@ -195,6 +203,7 @@ class SimState:
             "batch_lines_processed": 0,
             "faults_injected": {},
             "answered_per_second": {},
+            "peak_answered_1s": 0,
             "rate_tokens_per_second": {},
             "started_at": time.time(),
         }
@@ -228,6 +237,18 @@ class SimState:
             with self.lock:
                 self._in_flight -= 1
 
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """A chat request past the ``parallelism`` queue, until its answer is ready."""
+        with self.lock:
+            self._serving += 1
+            self._stats["peak_serving"] = max(self._stats["peak_serving"], self._serving)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._serving -= 1
+
     def record_undelivered(self) -> None:
         with self.lock:
             self._stats["undelivered"] += 1
@@ -239,6 +260,11 @@ class SimState:
             s["prompt_tokens"] += prompt
             s["completion_tokens"] += completion
             self._bump(s["answered_per_second"])
+            now, times = self._clock(), self._answer_times
+            times.append(now)
+            while times[0] <= now - 1.0:
+                times.popleft()
+            s["peak_answered_1s"] = max(s["peak_answered_1s"], len(times))
             before = self._answered.get(body_hash, 0)
             self._answered[body_hash] = before + 1
             if before:
@@ -250,6 +276,7 @@ class SimState:
         with self.lock:
             out = {k: dict(v) if isinstance(v, dict) else v for k, v in self._stats.items()}
             out["in_flight"] = self._in_flight
+            out["serving"] = self._serving
             out["storm_active"] = self._storm is not None and self._storm.active(self._clock())
             out["script_left"] = len(self._config.script)
             return out
