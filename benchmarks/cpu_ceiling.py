@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_ceiling.py            # 5,000 requests a round, 2 rounds of each
     python benchmarks/cpu_ceiling.py --quick    # 500 a round, for a smoke check
+    python benchmarks/cpu_ceiling.py --server llmock   # against llmock, an independent mock
 
 The server is the package's simulator in a separate process (no rate limit, no latency),
 so it does not share the client's CPU or GIL. With nothing to wait for, a client's
@@ -115,6 +116,37 @@ class SimProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class LLMockProcess(SimProcess):
+    """llmock (PyPI; an independent OpenAI mock on FastAPI/uvicorn) in a child process:
+    limits far above what either loop can send, no latency."""
+
+    def __init__(self) -> None:
+        import socket
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "llmock.cli", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(port), "--log-level", "warning", "--latency-ms", "0"]
+        cmd += ["--rpm", "100000000", "--tpm", "10000000000"]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:  # ready when /health answers (it imports FastAPI first)
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise SystemExit("llmock did not start (pip install llmock)") from None
+                time.sleep(0.1)
+        self.base_url = url + "/v1"
 
 
 def bodies(tag: str, n: int) -> list[dict[str, Any]]:
@@ -246,9 +278,16 @@ def main() -> int:
     parser.add_argument("-n", type=int, help="requests per round (default 5,000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each loop (2)")
     parser.add_argument("--only", choices=["raw", "ours"], help="run one loop (profiling)")
+    parser.add_argument(
+        "--server",
+        choices=["sim", "llmock"],
+        default="sim",
+        help="the package's simulator (default), or llmock, an independent mock",
+    )
     args = parser.parse_args()
     n = args.n or (500 if args.quick else 5000)
-    sim = SimProcess()
+    sim = LLMockProcess() if args.server == "llmock" else SimProcess()
+    print(f"server: {args.server} at {sim.base_url}")
     results: list[tuple[Round, float]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="llmbench-cpu-") as tmp:
@@ -269,12 +308,12 @@ def main() -> int:
                     results.append((got, sim.cpu_seconds() - server_cpu))
     finally:
         sim.close()
-    return report(n, results)
+    return report(n, results, "llmock" if args.server == "llmock" else "simulator")
 
 
-def report(n: int, results: list[tuple[Round, float]]) -> int:
+def report(n: int, results: list[tuple[Round, float]], server: str = "simulator") -> int:
     print(
-        f"\nCPU ceiling: {n} requests a round, {CONCURRENCY} in flight, simulator in its "
+        f"\nCPU ceiling: {n} requests a round, {CONCURRENCY} in flight, {server} in its "
         f"own process (no limit, no latency), {os.cpu_count()} CPUs"
     )
     head = (
