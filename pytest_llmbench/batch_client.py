@@ -57,9 +57,7 @@ class ClientRun:
     def add_batch_cost(self, request: Mapping[str, Any], answer: Mapping[str, Any]) -> None:
         cap = self.client.shared.cost_cap
         if cap is not None:
-            usage = answer.get("usage") or {}
-            p, c = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-            cap.add(cap.prices.cost(str(request.get("model") or ""), p, c, batch=True) or 0.0)
+            cap.add_batch_answer(request, answer)
 
 
 class StderrLine:

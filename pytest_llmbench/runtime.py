@@ -266,9 +266,7 @@ class RunState:
         """A Batch API answer arrived: its cost (half price) counts toward the cap."""
         cap = self.client.shared.cost_cap
         if cap is not None:
-            usage = answer.get("usage") or {}
-            p, c = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-            cap.add(cap.prices.cost(str(request.get("model") or ""), p, c, batch=True) or 0.0)
+            cap.add_batch_answer(request, answer)
 
     def bound_client(
         self,

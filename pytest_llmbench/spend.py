@@ -184,6 +184,12 @@ class CostCap:
         """An answer that had no reservation (the Batch API's)."""
         self._change(0.0, cost, 1)
 
+    def add_batch_answer(self, request: Mapping[str, Any], answer: Mapping[str, Any]) -> None:
+        """A Batch API answer arrived: its cost (half price) counts toward the cap."""
+        usage = answer.get("usage") or {}
+        p, c = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        self.add(self.prices.cost(str(request.get("model") or ""), p, c, batch=True) or 0.0)
+
     def _change(self, reserved: float, spent: float, answers: int) -> None:
         def change(value: Any) -> dict[str, Any]:
             spend = Spend.of(value)

@@ -24,6 +24,7 @@ from pytest_llmbench.budget.file import torn_record
 from pytest_llmbench.store import STORE_FILENAME, ResponseStore
 
 from ..helpers import answer_key
+from ..test_first_use import V1_SCHEMA  # the schema-1 store of the previous version
 from ..test_plugin import write_dataset
 
 N = 12  # cases per run: items x one temperature
@@ -34,17 +35,6 @@ import pytest
 def test_qa(case, llm):
     r = llm.generate_response(case["question"], max_tokens=8)
     assert r.text == case["answer"], r.text  # no case passes without its own answer
-"""
-#: the schema-1 store of the previous version (tests/test_first_use.py has its migration)
-V1_SCHEMA = """
-CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE responses (key TEXT PRIMARY KEY, nodeid TEXT NOT NULL, ordinal INTEGER NOT NULL,
-    endpoint TEXT NOT NULL, request TEXT NOT NULL, response TEXT NOT NULL,
-    headers TEXT NOT NULL, latency_s REAL NOT NULL, source TEXT NOT NULL, batch_id TEXT,
-    created_at REAL NOT NULL);
-CREATE INDEX responses_nodeid ON responses (nodeid);
-CREATE TABLE state (name TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL);
-INSERT INTO meta VALUES ('schema_version', '1');
 """
 FAST_BATCHES = {
     "batch_validating_seconds": 0.05,
