@@ -13,9 +13,10 @@ measured here. Two loops send the same kind of request (gpt-4o-mini, one user me
 * **raw**: one ``aiohttp.ClientSession``, POST ``/v1/chat/completions`` with a JSON body,
   the JSON reply parsed; nothing else;
 * **ours**: ``LLMClient.arun`` as the prefetch runs it (``engine.Fetch``): the file budget
-  (the default), the SDK, retries, and for each answer what ``Fetch.answered`` does: the
-  answer saved to a fresh ``ResponseStore`` (one durable commit), a journal line, the
-  progress counter.
+  (the default), the default transport (aiohttp for plain bodies, ``wire.py``), retries,
+  and for each answer what ``Fetch.answered`` does: the answers of one turn of the event
+  loop saved to a fresh ``ResponseStore`` in one durable commit (``saver.py``), a journal
+  line each, the progress counters.
 
 Rounds alternate (raw, ours, raw, ours...) so a drift of the machine hits both. For each
 round: wall time, requests per second, client CPU (this process, all threads) and server
@@ -49,9 +50,10 @@ sys.path.insert(0, str(ROOT))
 
 from pytest_llmbench.client import ENDPOINT, LLMClient  # noqa: E402
 from pytest_llmbench.config import LLMConfig  # noqa: E402
-from pytest_llmbench.errors import LLMCallError  # noqa: E402
+from pytest_llmbench.errors import LLMCallError, StoreError  # noqa: E402
 from pytest_llmbench.journal import JournalWriter  # noqa: E402
 from pytest_llmbench.response import Answer  # noqa: E402
+from pytest_llmbench.saver import GroupSaver, Pair  # noqa: E402
 from pytest_llmbench.store import (  # noqa: E402
     SIM_ORIGIN,
     PlannedRequest,
@@ -185,22 +187,34 @@ async def raw_loop(base_url: str, work: list[dict[str, Any]]) -> int:
 
 
 class Fetcher:
-    """What ``engine.Fetch`` does with each outcome, minus pytest: save, journal, count."""
+    """What ``engine.Fetch`` does with each outcome, minus pytest: the answers of one turn
+    of the event loop saved in one commit (``saver.GroupSaver``), then a journal line each
+    and the progress counters; a failure journalled and counted."""
 
     def __init__(self, store: ResponseStore, journal: JournalWriter) -> None:
         self.store, self.journal = store, journal
         self.done = self.failed = self.retries = self.rate_limited = self.tokens = 0
         self.errors: list[str] = []
+        self.saver = GroupSaver(
+            store, source="prefetch", replace=False, saved=self.saved, unsaved=self.unsaved
+        )
 
     def answered(self, req: PlannedRequest, answer: Answer) -> None:
-        self.store.save(req, answer, source="prefetch", replace=False)
-        self.journal.settled(req.key)
-        usage = answer.body.get("usage") or {}
-        # Progress.advance, without a terminal to write to
-        self.done += 1
-        self.retries += answer.attempts - 1
-        self.rate_limited += answer.rate_limited
-        self.tokens += int(usage.get("total_tokens") or 0)
+        self.saver.add(req, answer)
+
+    def saved(self, batch: list[Pair]) -> None:
+        self.journal.settled_many([req.key for req, _ in batch])
+        for _, answer in batch:
+            usage = answer.body.get("usage") or {}
+            # Progress.advance, without a terminal to write to
+            self.done += 1
+            self.retries += answer.attempts - 1
+            self.rate_limited += answer.rate_limited
+            self.tokens += int(usage.get("total_tokens") or 0)
+
+    def unsaved(self, batch: list[Pair], exc: StoreError) -> None:
+        self.failed += len(batch)
+        self.errors.append(str(exc))
 
     def on_error(self, req: PlannedRequest, exc: LLMCallError) -> None:
         self.journal.settled(req.key)
@@ -244,7 +258,7 @@ def ours(base_url: str, tag: str, n: int, tmp: Path) -> Round:
     client = LLMClient(our_config(base_url, run_dir))
     try:
         cpu, started = time.process_time(), time.perf_counter()
-        asyncio.run(client.arun(work, _body, fetcher.answered, fetcher.on_error))
+        asyncio.run(fetch(client, work, fetcher))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         client.close()
@@ -257,6 +271,13 @@ def ours(base_url: str, tag: str, n: int, tmp: Path) -> Round:
     if lost and not fetcher.failed:
         print(f"   ours: {lost} answers missing from the store")
     return Round("ours (LLMClient.arun)", n, wall, cpu, fetcher.failed + max(0, lost))
+
+
+async def fetch(client: LLMClient, work: list[PlannedRequest], fetcher: Fetcher) -> None:
+    try:
+        await client.arun(work, _body, fetcher.answered, fetcher.on_error)
+    finally:
+        fetcher.saver.flush()  # as engine.Fetch does
 
 
 def _body(req: PlannedRequest) -> dict[str, Any]:

@@ -63,15 +63,19 @@ def make_suite(root: Path, items: int) -> list[dict[str, Any]]:
     return rows
 
 
+LAST_RUN: dict[str, float] = {}
+
+
 def run_pytest(root: Path, args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     """Run pytest in a child; returns (wall seconds, peak RSS in MiB of the largest
-    process, output)."""
+    process, output). ``LAST_RUN`` holds its start and end (epoch seconds)."""
     probe = (
         "import resource, subprocess, sys\n"
         "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
         "sys.stdout.write(p.stdout[-4000:] + p.stderr[-2000:])\n"
         "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
     )
+    LAST_RUN["start"] = time.time()
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", probe, sys.executable, "-m", "pytest", *args],
@@ -82,6 +86,7 @@ def run_pytest(root: Path, args: list[str], env: dict[str, str]) -> tuple[float,
         check=False,
     )
     wall = time.perf_counter() - started
+    LAST_RUN["end"] = time.time()
     out = proc.stdout
     rss_kib = int(out.rsplit("MAXRSS", 1)[1].split()[0]) if "MAXRSS" in out else 0
     return wall, rss_kib // 1024, out
@@ -108,6 +113,7 @@ def scenario(
         env,
     )
     stats = sim.stats()
+    first, last = stats.get("first_request_at"), stats.get("last_answer_at")
     # the sustained rate, from the server's per-second counts: full seconds only (the
     # first and last second with answers are partial)
     busy = sorted((int(k), v) for k, v in stats["answered_per_second"].items() if v)
@@ -129,6 +135,10 @@ def scenario(
         "plan_s": pre.get("plan_lead_s"),
         "steady": steady,
         "fetch_s": pre.get("fetch_s"),
+        # end to end = before the first request + first request to last answer + after it
+        "before": first - LAST_RUN["start"] if first else None,
+        "serving": last - first if first and last else None,
+        "after": LAST_RUN["end"] - last if last else None,
         "tail": "" if report.exists() else out[-1500:],
     }
 
@@ -184,7 +194,7 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
         f"{'mode':24} {'cases':>6} {'wall s':>7} {'req/s':>6} {'e2e/limit':>9} "
         f"{'fetch/limit':>11} {'steady/limit':>12} {'429s':>5} {'429 %':>6} {'lost':>4} "
         f"{'dup':>4} "
-        f"{'plan % wall':>11} {'speed-up':>8}"
+        f"{'plan % wall':>11} {'speed-up':>8} {'before':>6} {'serving':>7} {'after':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -199,7 +209,8 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
             f"{r['name']:24} {r['cases']:6d} {r['wall']:7.1f} {rate:6.1f} "
             f"{rate / limit_rps:9.3f} {fetch} {r['steady'] / limit_rps:12.2f} {r['429']:5d} "
             f"{refused:5.2f}% {r['lost']:4d} "
-            f"{r['duplicates']:4d} {plan} {rate / seq_rate:7.1f}x"
+            f"{r['duplicates']:4d} {plan} {rate / seq_rate:7.1f}x "
+            f"{_secs(r['before'])} {_secs(r['serving'])} {_secs(r['after'])}"
         )
         if r["tail"]:
             print("   (no report)", r["tail"])
@@ -209,9 +220,15 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
         "lead, first request, last answers included); steady/limit: the server's "
         "sustained per-second rate; plan % wall: the wait before the first request "
         "(planning runs on, overlapped with fetching); sequential is scaled: its rate is "
-        "over its own subset"
+        "over its own subset; before / serving / after: seconds from the process's start "
+        "to the server's first request, from there to its last answer, and from there to "
+        "the process's exit (they add up to the wall time)"
     )
     return results
+
+
+def _secs(value: float | None) -> str:
+    return f"{value:6.2f}" if value is not None else f"{'-':>6}"
 
 
 def part2(quick: bool) -> None:

@@ -77,6 +77,7 @@ class LLMConfig(BaseModel):
     opening_burst: bool = False
     max_concurrency: int = Field(default=64, ge=1, le=4096)
     fixed_concurrency: bool = False
+    transport: Literal["aiohttp", "sdk"] = "aiohttp"
     max_retries: int = Field(default=6, ge=0, le=100)
     backoff_min: float = Field(default=0.5, ge=0, le=600)
     backoff_max: float = Field(default=30.0, gt=0, le=3600)

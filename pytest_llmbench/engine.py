@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shutil
 import subprocess
 import tempfile
@@ -52,6 +53,7 @@ from .plan import (
     runs_tests,
 )
 from .progress import PrefetchStats, Progress
+from .saver import GroupSaver, Pair
 from .store import GAVE_UP, Failure, ensure_run_dir
 
 if TYPE_CHECKING:
@@ -223,15 +225,34 @@ class Fetch:
         return PrefetchStats.of(self.progress, self.plan_lead_s, self.plan_s, self.wall, settled)
 
     # ---------------------------------------------------------------- the outcomes
-    def answered(self, req: PlannedRequest, answer: Answer) -> None:
-        self.state.store.save(
-            req, answer, source="prefetch", replace=self.state.fresh_since is not None
+    @functools.cached_property
+    def saver(self) -> GroupSaver:
+        """The answers of one turn of the event loop, saved in one commit (saver.py)."""
+        replace = self.state.fresh_since is not None
+        store = self.state.store
+        return GroupSaver(
+            store, source="prefetch", replace=replace, saved=self.saved, unsaved=self.unsaved
         )
+
+    def answered(self, req: PlannedRequest, answer: Answer) -> None:
+        self.saver.add(req, answer)
+
+    def saved(self, batch: list[Pair]) -> None:
+        """Answers are durable: wake the tests waiting for them, count them."""
         if self.journal is not None:
-            self.journal.settled(req.key)
-        usage = answer.body.get("usage") or {}
-        tokens = int(usage.get("total_tokens") or 0)
-        self.progress.advance(answer.attempts - 1, answer.rate_limited, tokens)
+            self.journal.settled_many([req.key for req, _ in batch])
+        for _, answer in batch:
+            usage = answer.body.get("usage") or {}
+            tokens = int(usage.get("total_tokens") or 0)
+            self.progress.advance(answer.attempts - 1, answer.rate_limited, tokens)
+
+    def unsaved(self, batch: list[Pair], exc: StoreError) -> None:
+        """A full disk, a read-only or broken store: every later answer would be paid
+        for and lost the same way, so the run stops here."""
+        for req, answer in batch:
+            error = LLMCallError(f"cannot save answers: {exc}", status=200, fatal=True)
+            error.attempts = answer.attempts
+            self.failed(req, error)
 
     def failed(self, req: PlannedRequest, exc: LLMCallError) -> None:
         """A request that no retry can mend (400, 401, 403, 404, 422, quota) fails its
@@ -273,15 +294,18 @@ class Fetch:
         self, requests: Iterable[PlannedRequest] | AsyncIterable[PlannedRequest]
     ) -> None:
         # with cassettes each request is filed under its case's cassette
-        await self.client.arun(
-            requests,
-            _body,
-            self.answered,
-            self.failed,
-            scope=lambda r: case_scope(r.nodeid),
-            stop=self.stopping,
-            gate=self.gate,
-        )
+        try:
+            await self.client.arun(
+                requests,
+                _body,
+                self.answered,
+                self.failed,
+                scope=lambda r: case_scope(r.nodeid),
+                stop=self.stopping,
+                gate=self.gate,
+            )
+        finally:
+            self.saver.flush()  # what the last turn queued
 
     async def fetch_planned(self, todo: list[PlannedRequest]) -> None:
         # with cassettes: one in-memory cassette of all planned cases, saved split per case

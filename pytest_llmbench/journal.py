@@ -89,6 +89,11 @@ class JournalWriter:
     def settled(self, key: str) -> None:
         self._write(f"S {key}\n")
 
+    def settled_many(self, keys: list[str]) -> None:
+        """Several answers stored at once: one write."""
+        if keys:
+            self._write("".join(f"S {k}\n" for k in keys))
+
     def planning_done(self) -> None:
         self._write("C\n")
 

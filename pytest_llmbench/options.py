@@ -198,6 +198,16 @@ OPTIONS: tuple[Option, ...] = (
         kind="flag",
     ),
     Option(
+        "llm_transport",
+        "--llm-transport",
+        "LLMBENCH_TRANSPORT",
+        "transport",
+        "how the concurrent fetch sends plain chat requests: aiohttp (the SDK's own transport "
+        "for concurrency, without its per-request object layer; same URL, JSON, auth and "
+        "error classes) or sdk (AsyncOpenAI for every request)",
+        metavar="aiohttp|sdk",
+    ),
+    Option(
         "llm_max_retries",
         "--llm-max-retries",
         "LLMBENCH_MAX_RETRIES",

@@ -19,9 +19,9 @@ from .concurrency import Concurrency, Slot
 from .errors import LLMCallError, RunStopped
 from .response import Answer, ClientStats
 from .transport import Shared
+from .wire import Sender
 
 if TYPE_CHECKING:
-    import openai
     from aiolimiter import AsyncLimiter
 
 T = TypeVar("T")
@@ -82,13 +82,13 @@ class Runner(Generic[T]):
         self.smoother = smoother(config.rpm)
 
     async def run(self, items: Iterable[T] | AsyncIterable[T]) -> None:
-        import openai
-
-        aclient = openai.AsyncOpenAI(**self.shared.client_kwargs())
+        # cassettes (a scope per item) record the SDK's httpx2 traffic: SDK only
+        aclient = self.shared.sender(sdk_only=self.scope is not None)
         try:
             workers = [self.work(aclient) for _ in range(self.workers)]
             await asyncio.gather(self.feed(items), *workers)
         finally:
+            self.shared.flush_budgets()
             await aclient.close()
 
     async def feed(self, items: Iterable[T] | AsyncIterable[T]) -> None:
@@ -105,7 +105,7 @@ class Runner(Generic[T]):
             for _ in range(self.workers):
                 self.queue.put_nowait(_END)
 
-    async def work(self, aclient: openai.AsyncOpenAI) -> None:
+    async def work(self, aclient: Sender) -> None:
         while (item := await self.queue.get()) is not _END:
             if self.stop.is_set():
                 continue  # stopping: what is queued is not sent
@@ -123,7 +123,7 @@ class Runner(Generic[T]):
                 self.gate.release(slot, latency)
                 self.learned.set()
 
-    async def send(self, aclient: openai.AsyncOpenAI, item: T, slot: Slot) -> float | None:
+    async def send(self, aclient: Sender, item: T, slot: Slot) -> float | None:
         """Send one item; returns its answer's latency, for the gate (None: no answer, or
         one that took retries, whose latency is its last attempt's alone)."""
         shared, stats = self.shared, self.stats

@@ -136,6 +136,18 @@ def _scrub_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     }
 
 
+def _insert_sql(replace: bool) -> str:
+    return _INSERT[replace]
+
+
+_MARKS = ", ".join("?" * len(_COLUMNS.split(",")))
+_INSERT = {  # replace -> the statement: the first write wins unless it replaces
+    False: f"INSERT INTO responses ({_COLUMNS}) VALUES ({_MARKS}) "
+    "ON CONFLICT (key, origin) DO NOTHING",
+    True: f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES ({_MARKS})",
+}
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -306,6 +318,30 @@ class ResponseStore:
         answer that a test may already have graded. ``replace=True`` overwrites instead.
         Credential headers are dropped before writing.
         """
+        row = self._row(
+            key, nodeid, ordinal, endpoint, request, response, headers, latency_s, source,
+            batch_id, attempts, rate_limited,
+        )  # fmt: skip
+        try:
+            return self._conn().execute(_insert_sql(replace), row).rowcount == 1
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from exc
+
+    def _row(
+        self,
+        key: str,
+        nodeid: str,
+        ordinal: int,
+        endpoint: str,
+        request: Mapping[str, Any],
+        response: Mapping[str, Any],
+        headers: Mapping[str, str] | None,
+        latency_s: float,
+        source: str,
+        batch_id: str | None,
+        attempts: int,
+        rate_limited: int,
+    ) -> tuple[object, ...]:
         if source not in SOURCES:
             raise ValueError(f"source must be one of {sorted(SOURCES)}, got {source!r}")
         try:
@@ -314,14 +350,32 @@ class ResponseStore:
             raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from None
         row: tuple[object, ...] = (key, self.origin, nodeid, ordinal, endpoint, *texts)
         row += (_dumps(_scrub_headers(headers)), float(latency_s), source, batch_id, time.time())
-        row += (int(attempts), int(rate_limited))
-        verb = "INSERT OR REPLACE" if replace else "INSERT"
-        conflict = "" if replace else " ON CONFLICT (key, origin) DO NOTHING"
-        sql = f"{verb} INTO responses ({_COLUMNS}) VALUES ({', '.join('?' * len(row))}){conflict}"
+        return (*row, int(attempts), int(rate_limited))
+
+    def save_many(
+        self, answers: list[tuple[PlannedRequest, AnswerLike]], *, source: str, replace: bool
+    ) -> None:
+        """Save several answers in one transaction (one fsync): durable when this returns,
+        all or none. The first write for a key wins, as in :meth:`put`."""
+        rows = [
+            self._row(
+                r.key, r.nodeid, r.ordinal, r.endpoint, r.body, a.body, a.headers, a.latency,
+                source, None, a.attempts, a.rate_limited,
+            )
+            for r, a in answers
+        ]  # fmt: skip
+        conn = self._conn()
         try:
-            return self._conn().execute(sql, row).rowcount == 1
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_insert_sql(replace), rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from exc
+            raise StoreError(f"{self.path}: cannot store {len(rows)} answer(s): {exc}") from exc
 
     def save(
         self,

@@ -26,11 +26,10 @@ client throughout:
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,9 +41,9 @@ from .errors import ConfigError, LLMCallError, RunStopped, StoreError
 from .response import Answer, ClientStats, Usage, estimate_tokens
 from .retry import BackoffPolicy, as_mapping, describe, is_retryable
 from .tokens import request_prompt_tokens
+from .wire import _OPTIONS, Sender, _http_response, make_sender, plain_body
 
 if TYPE_CHECKING:
-    import httpx2
     import openai
 
     from .spend import CostCap
@@ -106,6 +105,18 @@ class Shared:
 
                 self._sync = openai.OpenAI(**self.client_kwargs())
             return self._sync
+
+    def sender(self, *, sdk_only: bool = False) -> Sender:
+        """A sender for one event loop's requests (``wire.py``); the caller closes it."""
+        return make_sender(self.config, self.client_kwargs(), sdk_only=sdk_only)
+
+    def flush_budgets(self) -> None:
+        """Write the budgets' deferred settlements (the end of a concurrent run)."""
+        with self._lock:
+            budgets = list(self._budgets.values())
+        for b in budgets:
+            if isinstance(b, BaseBudget):
+                b.flush()
 
     def budget(self, model: str) -> Budget:
         with self._lock:
@@ -202,21 +213,20 @@ class Shared:
         self,
         body: dict[str, Any],
         stats: ClientStats,
-        client: openai.AsyncOpenAI | None = None,
+        client: Sender | None = None,
         on_answer: OnAnswer | None = None,
         ready: Callable[[], None] | None = None,
     ) -> Answer:
         """The async twin of :meth:`send`; the attempt logic lives in :class:`Call`.
         ``ready()`` runs each time the budget lets an attempt go, just before it is sent;
         it may raise :class:`RunStopped` to keep the request unsent (the run stops)."""
-        import openai
-
         call = self._call(body, stats, on_answer)
         if call.cap is not None:
             # may stop the run (RunStopped): then it is not sent
             call.cost = await call.cap.areserve(body, call.prompt)
         own = client is None
-        aclient = client or openai.AsyncOpenAI(**self.client_kwargs())
+        aclient = client or self.sender(sdk_only=True)  # a lone call: as the SDK sends it
+        call.later = not own  # a concurrent run: its next request settles this one
         try:
             try:
                 return await self._aattempt(call, body, aclient, ready)
@@ -240,7 +250,7 @@ class Shared:
         self,
         call: Call,
         body: dict[str, Any],
-        aclient: openai.AsyncOpenAI,
+        aclient: Sender,
         ready: Callable[[], None] | None,
     ) -> Answer:
         call.ticket = await aacquire(call.budget, call.begin())
@@ -248,56 +258,11 @@ class Shared:
             ready()
         call.sending()
         try:
-            if plain_body(body):
-                raw = await aclient.post(
-                    "/chat/completions", body=body, cast_to=_http_response(), options=_OPTIONS
-                )
-            else:
-                created = await aclient.chat.completions.with_raw_response.create(**body)
-                raw = created.http_response
+            raw = await aclient.send_chat(body)
         except Exception as exc:
             call.failed(exc)
             raise
         return call.succeeded(raw)
-
-
-#: what ``chat.completions.create()`` sends for the body: bearer auth only
-_OPTIONS: openai.RequestOptions = {"security": {"bearer_auth": True}}
-#: create()'s arguments that are SDK options, not JSON parameters of the request
-_SDK_OPTIONS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
-
-
-@functools.cache
-def _create_parameters() -> frozenset[str]:
-    """The JSON parameters ``chat.completions.create()`` takes (this SDK version's)."""
-    import inspect
-
-    from openai.resources.chat import AsyncCompletions
-
-    return frozenset(inspect.signature(AsyncCompletions.create).parameters) - _SDK_OPTIONS
-
-
-def _http_response() -> type[httpx2.Response]:
-    # looked up each time (a dict lookup): the SDK checks the class it imported itself,
-    # and a re-import of httpx2 (pytester's in-process runs restore sys.modules) makes a
-    # new one
-    import httpx2
-
-    return httpx2.Response
-
-
-def plain_body(body: Mapping[str, Any]) -> bool:
-    """Whether ``create(**body)`` would send ``body`` as it is: only parameters it knows,
-    the two it requires, no stream, no pydantic class as ``response_format`` (create()
-    refuses one). Its transform changes nothing in such a body: no chat parameter has an
-    alias or a format, and JSON values pass through."""
-    return (
-        "model" in body
-        and "messages" in body
-        and body.keys() <= _create_parameters()
-        and not body.get("stream")
-        and not isinstance(body.get("response_format"), type)
-    )
 
 
 def acquire(budget: Budget, tokens: int) -> Ticket | None:
@@ -317,11 +282,16 @@ async def aacquire(budget: Budget, tokens: int) -> Ticket | None:
     return None
 
 
-def settle(budget: Budget, snapshot: RateLimitSnapshot, reserved: int, actual: int) -> None:
+def settle(
+    budget: Budget, snapshot: RateLimitSnapshot, reserved: int, actual: int, *, later: bool
+) -> None:
     """An answer's feedback to the budget: its headers, then the real token count (one
-    operation where the budget offers it)."""
+    operation where the budget offers it; with ``later``, as part of the next one)."""
     if isinstance(budget, BaseBudget):
-        budget.settle(snapshot, reserved, actual)
+        if later:
+            budget.settle_later(snapshot, reserved, actual)
+        else:
+            budget.settle(snapshot, reserved, actual)
     else:  # a budget of the caller's own making: the protocol's two calls
         budget.observe(snapshot)
         budget.correct(reserved, actual)
@@ -344,6 +314,7 @@ class Call:
     cost: float = 0.0  # USD reserved under the cost cap until the answer settles it
     prompt: int = 0  # prompt tokens, counted as the API counts them (tokens.py)
     ticket: Ticket | None = None  # the budget's ticket for the attempt in flight
+    later: bool = False  # settle with the next reservation (a concurrent run flushes at its end)
 
     def begin(self) -> int:
         """Count an attempt; returns the tokens to reserve for it."""
@@ -397,7 +368,7 @@ class Call:
             self.cap.settle(self.cost, self.model, body.get("usage") or {})
             self.cost = 0.0
         snapshot = RateLimitSnapshot.from_headers(headers, self.ticket)
-        settle(self.budget, snapshot, self.est, usage.total_tokens)
+        settle(self.budget, snapshot, self.est, usage.total_tokens, later=self.later)
         self.stats.add(self.model, requests=1, calls=1, retries=self.attempts - 1, usage=usage)
         return answer
 

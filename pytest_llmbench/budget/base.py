@@ -485,6 +485,16 @@ class BaseBudget:
         self.observe(snapshot)
         self.correct(reserved_tokens, actual_tokens)
 
+    def settle_later(
+        self, snapshot: RateLimitSnapshot, reserved_tokens: int, actual_tokens: int
+    ) -> None:
+        """``settle``, possibly written with this process's next operation on the budget
+        (a backend whose every write costs a lock and a file defers it; see ``flush``)."""
+        self.settle(snapshot, reserved_tokens, actual_tokens)
+
+    def flush(self) -> None:
+        """Write what ``settle_later`` deferred (nothing to do by default)."""
+
     def observe(self, snapshot: RateLimitSnapshot) -> None:
         raise NotImplementedError
 

@@ -26,6 +26,8 @@ Statistics (``GET /_sim/stats``; ``/_sim/*`` requests are not counted):
                               sliding window: a burst across a second's edge counts whole)
 ``rate_tokens_per_second``    ``{epoch second: TPM tokens admitted in it}``
 ``started_at``                epoch seconds of the last start or reset
+``first_request_at`` / ``last_answer_at``   epoch seconds of the first chat request since,
+                              and of the last chat answer (None before either)
 ``storm_active`` / ``script_left``          a storm is running / scripted faults still queued
 """
 
@@ -206,6 +208,8 @@ class SimState:
             "peak_answered_1s": 0,
             "rate_tokens_per_second": {},
             "started_at": time.time(),
+            "first_request_at": None,
+            "last_answer_at": None,
         }
 
     @staticmethod
@@ -229,6 +233,8 @@ class SimState:
     def chat_in_flight(self) -> Iterator[None]:
         with self.lock:
             self._stats["chat_requests"] += 1
+            if self._stats["first_request_at"] is None:
+                self._stats["first_request_at"] = time.time()
             self._in_flight += 1
             self._stats["peak_in_flight"] = max(self._stats["peak_in_flight"], self._in_flight)
         try:
@@ -260,6 +266,7 @@ class SimState:
             s["prompt_tokens"] += prompt
             s["completion_tokens"] += completion
             self._bump(s["answered_per_second"])
+            s["last_answer_at"] = time.time()
             now, times = self._clock(), self._answer_times
             times.append(now)
             while times[0] <= now - 1.0:
