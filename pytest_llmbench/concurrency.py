@@ -338,19 +338,25 @@ class Concurrency:
         return self.rule.settled if self.adaptive else self.maximum
 
     async def acquire(self) -> Slot:
-        """Wait for a free slot."""
-        while self.in_flight >= self.limit:
+        """Wait for a free slot, first come first served: while anyone waits, a newcomer
+        queues behind them even if a slot is free at this instant (that slot is already
+        handed to the first waiter, who has not run yet). Without this, a request that
+        once had to wait could be overtaken again and again by workers coming back for
+        their next request, and its test would wait until the end of the fetch."""
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+        else:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
-                await waiter
+                await waiter  # _wake counts the slot it hands over in in_flight
             except asyncio.CancelledError:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-                elif not waiter.cancelled():
-                    self._wake()  # woken, then cancelled: the slot goes to the next one
+                elif waiter.done() and not waiter.cancelled():
+                    self.in_flight -= 1  # handed a slot, then cancelled: the next one's
+                    self._wake()
                 raise
-        self.in_flight += 1
         self._filled = self._filled or self.in_flight >= self.limit
         return Slot(self._generation, self._clock(), self._filled)
 
@@ -365,6 +371,7 @@ class Concurrency:
         ``x-ratelimit-limit-requests``): the lowest one given counts."""
         rate = rpm / 60.0
         self.rule.rate = rate if self.rule.rate is None else min(self.rule.rate, rate)
+        self._wake()  # the limit may have risen
 
     def sent(self, slot: Slot) -> None:
         """The budget let the request go (its first attempt)."""
@@ -399,10 +406,9 @@ class Concurrency:
         return now
 
     def _wake(self) -> None:
-        """Wake as many waiters as there are free slots, first come first served."""
-        free = self.limit - self.in_flight
-        while free > 0 and self._waiters:
+        """Hand the free slots to the waiters, first come first served."""
+        while self.in_flight < self.limit and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self.in_flight += 1
                 waiter.set_result(None)
-                free -= 1

@@ -293,14 +293,16 @@ class Fetch:
     async def _send(
         self, requests: Iterable[PlannedRequest] | AsyncIterable[PlannedRequest]
     ) -> None:
-        # with cassettes each request is filed under its case's cassette
+        # with cassettes each request is filed under its case's cassette (and goes through
+        # the SDK, whose httpx2 traffic vcrpy records); without, the scope is left out
+        cassettes = self.state.record_mode is not None
         try:
             await self.client.arun(
                 requests,
                 _body,
                 self.answered,
                 self.failed,
-                scope=lambda r: case_scope(r.nodeid),
+                scope=(lambda r: case_scope(r.nodeid)) if cassettes else None,
                 stop=self.stopping,
                 gate=self.gate,
             )

@@ -18,6 +18,7 @@ from .budget import RateLimitSnapshot
 from .concurrency import Concurrency, Slot
 from .errors import LLMCallError, RunStopped
 from .response import Answer, ClientStats
+from .tokens import warm
 from .transport import Shared
 from .wire import Sender
 
@@ -84,6 +85,7 @@ class Runner(Generic[T]):
     async def run(self, items: Iterable[T] | AsyncIterable[T]) -> None:
         # cassettes (a scope per item) record the SDK's httpx2 traffic: SDK only
         aclient = self.shared.sender(sdk_only=self.scope is not None)
+        warm(self.shared.config.model)  # before the first item: planning is still starting
         try:
             workers = [self.work(aclient) for _ in range(self.workers)]
             await asyncio.gather(self.feed(items), *workers)

@@ -140,6 +140,12 @@ def prompt_tokens(
     return total
 
 
+def warm(model: str | None) -> None:
+    """Load ``model``'s encoding now (0.2 s), so the first count does not pay for it:
+    a fetch calls this while its plan subprocess starts."""
+    _counter(model, None)
+
+
 def _counter(model: str | None, tokenizer: Tokenizer | None) -> Callable[[str], int] | None:
     if tokenizer == "estimate":
         return None

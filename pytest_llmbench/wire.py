@@ -119,6 +119,9 @@ class AioSender:
         self.url = chat_url(config)
         self.headers = wire_headers(config, sdk_kwargs["api_key"])
         self.proxy = env_proxy(self.url)
+        # imported now (0.3 s), while the plan subprocess starts, not at the first request
+        import aiohttp  # noqa: F401
+
         self._session: aiohttp.ClientSession | None = None
         self._sdk: SdkSender | None = None
 

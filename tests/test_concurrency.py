@@ -387,3 +387,32 @@ def test_waiters_go_in_order_and_a_cancelled_one_passes_its_turn_on() -> None:
         return went
 
     assert asyncio.run(main()) == ["b", "c"]
+
+
+def test_a_waiting_request_is_not_overtaken_by_workers_coming_back() -> None:
+    """First come, first served: a request that had to wait gets the next free slot,
+    even when the worker that freed it asks again at once (the starvation that kept one
+    test waiting until the end of a 2,000-request fetch)."""
+
+    async def main() -> list[str]:
+        gate = Concurrency(2, adaptive=False)
+        order: list[str] = []
+        held = [await gate.acquire(), await gate.acquire()]
+
+        async def late() -> None:
+            slot = await gate.acquire()
+            order.append("waiter")
+            gate.release(slot, None)
+
+        waiting = asyncio.create_task(late())
+        await asyncio.sleep(0)  # it queues
+        for _ in range(3):  # a worker frees its slot and asks again straight away
+            gate.release(held.pop(), None)
+            held.append(await gate.acquire())  # no yield to the loop when a slot is free
+            order.append("worker")
+        for slot in held:
+            gate.release(slot, None)
+        await asyncio.wait_for(waiting, 1)
+        return order
+
+    assert asyncio.run(main())[0] == "waiter"
