@@ -371,6 +371,11 @@ class Concurrency:
         ``x-ratelimit-limit-requests``): the lowest one given counts."""
         rate = rpm / 60.0
         self.rule.rate = rate if self.rule.rate is None else min(self.rule.rate, rate)
+        if self.adaptive and not self._started and self.rule.limit == 1:
+            # known before the first request (--llm-rpm): start at a second's worth, what
+            # the budget lets go at once anyway, instead of a round trip with one in
+            # flight; the first windows then grow or hold it as usual
+            self.rule.limit = min(self.maximum, max(2, math.ceil(rate)))
         self._wake()  # the limit may have risen
 
     def sent(self, slot: Slot) -> None:

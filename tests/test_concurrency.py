@@ -416,3 +416,24 @@ def test_a_waiting_request_is_not_overtaken_by_workers_coming_back() -> None:
         return order
 
     assert asyncio.run(main())[0] == "waiter"
+
+
+def test_a_rate_limit_known_before_the_first_request_starts_at_a_seconds_worth() -> None:
+    configured = Concurrency(64)
+    configured.rate_limit(3000)  # --llm-rpm 3000: 50 a second
+    assert configured.limit == 50
+    capped = Concurrency(16)
+    capped.rate_limit(3000)
+    assert capped.limit == 16
+    fixed = Concurrency(64, adaptive=False)
+    fixed.rate_limit(60)
+    assert fixed.limit == 64
+
+    async def learned() -> int:
+        gate = Concurrency(64)
+        slot = await gate.acquire()
+        gate.sent(slot)  # the first request is out: a rate from its answer's headers
+        gate.rate_limit(3000)  # leaves the start to that answer's latency (start())
+        return gate.limit
+
+    assert asyncio.run(learned()) == 1
