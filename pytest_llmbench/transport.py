@@ -2,25 +2,20 @@
 concurrent runner is ``runner.py``. Internal to the client layer: callers
 use :class:`~pytest_llmbench.client.LLMClient`.
 
-One call goes: reserve from the shared budget -> send with the SDK (its own retries off)
--> hand the answer over (it is saved before any other bookkeeping) -> feed the headers and
-the real token count back to the budget. Retries (tenacity, policy in ``retry.py``)
-repeat the budget and send steps, so every attempt counts against the limit.
+One call goes: reserve from the shared budget -> send (``wire.py``: aiohttp for the
+concurrent fetch's plain bodies, the SDK with its own retries off for the rest) -> hand
+the answer over (it is saved before any other bookkeeping) -> feed the headers and the
+real token count back to the budget. Retries (tenacity, policy in ``retry.py``) repeat
+the budget and send steps, so every attempt counts against the limit.
 
-The per-request CPU is kept down (``benchmarks/cpu_ceiling.py``), with the SDK as the
-client throughout:
+The per-request CPU is kept down (``benchmarks/cpu_ceiling.py``):
 
-* a body that ``chat.completions.create()`` would send unchanged (JSON parameters it
-  knows, no SDK options such as ``extra_body``, not streamed) goes through the SDK's
-  public lower-level ``post("/chat/completions", cast_to=httpx2.Response)``: the same
-  JSON (keys in the caller's order), headers, auth and error classes, without walking
-  the parameters through their TypedDicts and without the raw-response wrapper (together
-  a quarter of the SDK's CPU per request). Any other body takes
-  ``with_raw_response.create()`` as before, so what create() rejects is still rejected
-  the same way, unsent;
+* the senders of ``wire.py`` (aiohttp without the SDK's objects for what ``create()``
+  would send unchanged; the SDK's lower-level ``post()`` or ``create()`` otherwise);
 * the first attempt runs without tenacity; only a failure that is retried builds the
   retry loop, which continues the attempt count (waits, stop) exactly where it left off;
-* the budget's feedback after an answer is one operation (``settle``).
+* the budget's feedback after an answer is one operation (``settle``), and in a
+  concurrent run part of the next reservation (``settle_later``).
 """
 
 from __future__ import annotations

@@ -90,11 +90,18 @@ def test_a_server_that_queues_gets_about_its_own_parallelism(
     # and the default --llm-concurrency 64
     api.configure(**QUEUEING)
     alone = alone_latency(api)
-    report = fetch_run(pytester, 50)
+    # (100 requests: enough windows to come back down from an overshoot that a loaded
+    # machine's own delays can cause)
+    report = fetch_run(pytester, 100)
     prefetch, totals = report["run"]["prefetch"], report["totals"]
     # Then the fetch settled near the server's parallelism, not at 64
-    assert prefetch["fetched"] == 50 and prefetch["concurrency_adaptive"] is True
-    assert 2 <= prefetch["concurrency"] <= 4, prefetch
+    assert prefetch["fetched"] == 100 and prefetch["concurrency_adaptive"] is True
+    assert 2 <= prefetch["concurrency"] <= 4, (
+        prefetch,
+        totals,
+        alone,
+        api.stats()["peak_in_flight"],
+    )
     assert api.stats()["peak_in_flight"] <= 16
     # And a request waited little in the server's queue: the median latency is within 2x
     # of a lone request's (at 64 in flight it is about 12 times that: the next test)
