@@ -3,6 +3,7 @@
     python benchmarks/cpu_ceiling.py            # 5,000 requests a round, 2 rounds of each
     python benchmarks/cpu_ceiling.py --quick    # 500 a round, for a smoke check
     python benchmarks/cpu_ceiling.py --server llmock   # against llmock, an independent mock
+    python benchmarks/cpu_ceiling.py --transports      # a bare request through each client
 
 The server is the package's simulator in a separate process (no rate limit, no latency),
 so it does not share the client's CPU or GIL. With nothing to wait for, a client's
@@ -23,6 +24,11 @@ round: wall time, requests per second, client CPU (this process, all threads) an
 CPU (the simulator's process) per request; then the ratio ours/raw of the best rounds.
 Goal: >= 0.9. The exit status is non-zero only when a request failed or a loop lost
 answers, never for missing the goal.
+
+``--transports`` prices the ways a request can go, each a bare loop like **raw**: aiohttp,
+httpx2 (the SDK's default transport), ``AsyncOpenAI`` on httpx2 and ``AsyncOpenAI`` on the
+SDK's own aiohttp transport (``DefaultAioHttpClient``), both through the SDK's public
+``post()`` (README, "Why the fetch sends with aiohttp").
 
 Reading it: with both loops CPU-bound, ours/raw is about raw's client CPU per request over
 ours. When the raw loop's server CPU per request times its rate nears one core, the raw
@@ -292,6 +298,76 @@ def raw(base_url: str, tag: str, n: int) -> Round:
     return Round("raw aiohttp", n, wall, cpu, errors)
 
 
+async def httpx_loop(base_url: str, work: list[dict[str, Any]]) -> int:
+    """64 workers on one httpx2.AsyncClient, as raw_loop."""
+    import httpx2
+
+    todo, errors = iter(work), 0
+    headers = {"Authorization": f"Bearer {FAKE_KEY}"}
+
+    async def worker(client: httpx2.AsyncClient) -> None:
+        nonlocal errors
+        for body in todo:
+            resp = await client.post(f"{base_url}/chat/completions", json=body, headers=headers)
+            if resp.status_code != 200 or "choices" not in resp.json():
+                errors += 1
+
+    limits = httpx2.Limits(max_connections=CONCURRENCY)
+    async with httpx2.AsyncClient(limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(CONCURRENCY)))
+    return errors
+
+
+async def sdk_loop(base_url: str, work: list[dict[str, Any]], aio: bool) -> int:
+    """64 workers on one AsyncOpenAI (its post(), as wire.py's SdkSender)."""
+    import httpx2
+    import openai
+
+    kwargs: dict[str, Any] = {"api_key": FAKE_KEY, "base_url": base_url, "max_retries": 0}
+    if aio:
+        kwargs["http_client"] = openai.DefaultAioHttpClient()
+    client = openai.AsyncOpenAI(**kwargs)
+    todo, errors = iter(work), 0
+    options: openai.RequestOptions = {"security": {"bearer_auth": True}}
+
+    async def worker() -> None:
+        nonlocal errors
+        for body in todo:
+            resp = await client.post(
+                "/chat/completions", body=body, cast_to=httpx2.Response, options=options
+            )
+            if "choices" not in resp.json():
+                errors += 1
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    finally:
+        await client.close()
+    return errors
+
+
+TRANSPORTS = {
+    "aiohttp": raw_loop,
+    "httpx2": httpx_loop,
+    "AsyncOpenAI (httpx2)": lambda url, work: sdk_loop(url, work, aio=False),
+    "AsyncOpenAI (aiohttp)": lambda url, work: sdk_loop(url, work, aio=True),
+}
+
+
+def transports(sim: SimProcess, n: int, rounds: int) -> int:
+    results: list[tuple[Round, float]] = []
+    for r in range(rounds):
+        for name, loop in TRANSPORTS.items():
+            work = bodies(f"{name}{r}", n)
+            server_cpu = sim.cpu_seconds()
+            cpu, started = time.process_time(), time.perf_counter()
+            errors = asyncio.run(loop(sim.base_url, work))
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            results.append((Round(name, n, wall, cpu, errors), sim.cpu_seconds() - server_cpu))
+    print(f"\nA bare request through each client: {n} a round, {CONCURRENCY} in flight")
+    return report(n, results)
+
+
 # ------------------------------------------------------------------------------ main
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -299,6 +375,9 @@ def main() -> int:
     parser.add_argument("-n", type=int, help="requests per round (default 5,000)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of each loop (2)")
     parser.add_argument("--only", choices=["raw", "ours"], help="run one loop (profiling)")
+    parser.add_argument(
+        "--transports", action="store_true", help="price a bare request through each client"
+    )
     parser.add_argument(
         "--server",
         choices=["sim", "llmock"],
@@ -310,6 +389,12 @@ def main() -> int:
     sim = LLMockProcess() if args.server == "llmock" else SimProcess()
     print(f"server: {args.server} at {sim.base_url}")
     results: list[tuple[Round, float]] = []
+    if args.transports:
+        try:
+            raw(sim.base_url, "warm-raw", 200)  # warm-up, not measured
+            return transports(sim, n, args.rounds)
+        finally:
+            sim.close()
     try:
         with tempfile.TemporaryDirectory(prefix="llmbench-cpu-") as tmp:
             # warm-up, not measured: imports, the first connections, the server's caches
