@@ -21,6 +21,7 @@ deletes them).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -29,7 +30,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from types import TracebackType
@@ -136,16 +137,26 @@ def _scrub_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     }
 
 
-def _insert_sql(replace: bool) -> str:
-    return _INSERT[replace]
-
-
 _MARKS = ", ".join("?" * len(_COLUMNS.split(",")))
 _INSERT = {  # replace -> the statement: the first write wins unless it replaces
     False: f"INSERT INTO responses ({_COLUMNS}) VALUES ({_MARKS}) "
     "ON CONFLICT (key, origin) DO NOTHING",
     True: f"INSERT OR REPLACE INTO responses ({_COLUMNS}) VALUES ({_MARKS})",
 }
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed when the block ends, rolled back
+    when it raises (anything: a change that fails leaves the store as it was)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _dumps(value: object) -> str:
@@ -323,7 +334,7 @@ class ResponseStore:
             batch_id, attempts, rate_limited,
         )  # fmt: skip
         try:
-            return self._conn().execute(_insert_sql(replace), row).rowcount == 1
+            return self._conn().execute(_INSERT[replace], row).rowcount == 1
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from exc
 
@@ -364,16 +375,9 @@ class ResponseStore:
             )
             for r, a in answers
         ]  # fmt: skip
-        conn = self._conn()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_insert_sql(replace), rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            with _immediate(self._conn()) as conn:
+                conn.executemany(_INSERT[replace], rows)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot store {len(rows)} answer(s): {exc}") from exc
 
@@ -470,16 +474,12 @@ class ResponseStore:
             (key, self.origin, f.reason, f.source, f.run, f.attempts, f.rate_limited, now)
             for key, f in failures.items()
         ]
-        conn = self._conn()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
-            )
-            conn.execute("COMMIT")
+            with _immediate(self._conn()) as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+                )
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: {exc}") from exc
 
     def failure(self, key: str) -> Failure | None:
@@ -503,16 +503,12 @@ class ResponseStore:
 
     def clear(self) -> None:
         """Delete every stored response and every state entry (the file stays)."""
-        conn = self._conn()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("DELETE FROM responses")
-            conn.execute("DELETE FROM state")
-            conn.execute("DELETE FROM failures")
-            conn.execute("COMMIT")
+            with _immediate(self._conn()) as conn:
+                conn.execute("DELETE FROM responses")
+                conn.execute("DELETE FROM state")
+                conn.execute("DELETE FROM failures")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: {exc}") from exc
 
     def set_state(self, name: str, value: Any) -> None:
@@ -544,8 +540,7 @@ class ResponseStore:
         if not durable:
             conn.execute("PRAGMA synchronous=NORMAL")  # this thread's connection only
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(conn):
                 row = conn.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
                 value = change(None if row is None else json.loads(row[0]))
                 conn.execute(
@@ -553,11 +548,6 @@ class ResponseStore:
                     "(name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                     (name, _dumps(value), time.time()),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
         finally:

@@ -35,6 +35,8 @@ request through the SDK; cassettes always do (vcrpy records the SDK's httpx2 tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -120,8 +122,9 @@ class AioSender:
         self.headers = wire_headers(config, sdk_kwargs["api_key"])
         self.proxy = env_proxy(self.url)
         # imported now (0.3 s), while the plan subprocess starts, not at the first request
-        import aiohttp  # noqa: F401
+        import aiohttp
 
+        self._client_error = aiohttp.ClientError
         self._session: aiohttp.ClientSession | None = None
         self._sdk: SdkSender | None = None
 
@@ -145,15 +148,13 @@ class AioSender:
         if data is None:
             return await self._sdk_sender().send_chat(body)
         session = self._session or self._open()
-        import aiohttp
-
         try:
             async with session.post(self.url, data=data, proxy=self.proxy) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except asyncio.TimeoutError:  # aiohttp's time-outs (3.10: not the builtin's)
             raise sdk_error("timeout", self.url) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (self._client_error, OSError) as exc:
             raise sdk_error("connection", self.url, detail=exc) from None
         text = raw.decode("utf-8", "replace")
         if 200 <= status < 300:
@@ -270,18 +271,12 @@ def status_error(url: str, status: int, headers: Any, text: str) -> Exception:
         content=text.encode(),
         request=httpx2.Request("POST", url),
     )
-    message = f"Error code: {status}"
     body: object = text.strip()
-    try:
+    with contextlib.suppress(ValueError):  # not JSON: the text is the body
         body = json.loads(text)
-    except ValueError:
-        pass
-    else:
-        error = body.get("error", body) if isinstance(body, dict) else None
-        said = error.get("message") if isinstance(error, dict) else None
-        if isinstance(said, str) and said:
-            message += f" - {said}"
     data = body.get("error", body) if isinstance(body, dict) else body
+    said = data.get("message") if isinstance(data, dict) else None
+    message = f"Error code: {status}" + (f" - {said}" if isinstance(said, str) and said else "")
     cls = _STATUS_ERRORS.get(status)
     if cls is None:
         cls = "InternalServerError" if status >= 500 else "APIStatusError"
@@ -307,20 +302,14 @@ _OPTIONS: openai.RequestOptions = {"security": {"bearer_auth": True}}
 _SDK_OPTIONS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
 
 
+@functools.cache
 def create_parameters() -> frozenset[str]:
     """The JSON parameters ``chat.completions.create()`` takes (this SDK version's)."""
-    global _PARAMETERS
-    if _PARAMETERS is None:
-        import inspect
+    import inspect
 
-        from openai.resources.chat import AsyncCompletions
+    from openai.resources.chat import AsyncCompletions
 
-        params = inspect.signature(AsyncCompletions.create).parameters
-        _PARAMETERS = frozenset(params) - _SDK_OPTIONS
-    return _PARAMETERS
-
-
-_PARAMETERS: frozenset[str] | None = None
+    return frozenset(inspect.signature(AsyncCompletions.create).parameters) - _SDK_OPTIONS
 
 
 def _http_response() -> type[Any]:
