@@ -42,6 +42,15 @@ def {name}(case, llm):
     assert r.text == case["answer"], (case["qid"], r.text)
 """
 
+#: ONE_CALL as ``test_qa`` over ``data.jsonl``: the battery's plain suite
+QA_SUITE = ONE_CALL.format(dataset="data.jsonl", extra="", name="test_qa")
+#: a Batch API job that is done at once (the simulator's job phases shortened)
+FAST_BATCHES = {
+    "batch_validating_seconds": 0.05,
+    "batch_finalizing_seconds": 0.05,
+    "batch_requests_per_second": None,
+}
+
 #: two calls per case, the second built from the first answer: the plan cannot know it,
 #: so it is sent live while the tests run (the replay stage has work of its own)
 TWO_CALLS = """

@@ -26,21 +26,9 @@ from pytest_llmbench.store import STORE_FILENAME, ResponseStore
 from ..helpers import answer_key
 from ..test_first_use import V1_SCHEMA  # the schema-1 store of the previous version
 from ..test_plugin import write_dataset
+from .harness import FAST_BATCHES, QA_SUITE
 
 N = 12  # cases per run: items x one temperature
-SUITE = """
-import pytest
-
-@pytest.mark.llmbench(dataset="data.jsonl", temperatures=[0.0], id="qid")
-def test_qa(case, llm):
-    r = llm.generate_response(case["question"], max_tokens=8)
-    assert r.text == case["answer"], r.text  # no case passes without its own answer
-"""
-FAST_BATCHES = {
-    "batch_validating_seconds": 0.05,
-    "batch_finalizing_seconds": 0.05,
-    "batch_requests_per_second": None,
-}
 
 
 @dataclass
@@ -67,7 +55,7 @@ class Bench:
         self.store = self.run_dir / STORE_FILENAME
         self.tally = Tally()
         self.key = answer_key(write_dataset(pytester.path / "data.jsonl", N))
-        pytester.makepyfile(test_suite=SUITE)
+        pytester.makepyfile(test_suite=QA_SUITE)
         pytester.makeini("[pytest]\n")
         self.sim_config = self.write_config("sim.json")
 

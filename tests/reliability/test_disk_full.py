@@ -25,17 +25,10 @@ from pytest_llmbench.sim.answers import body_hash
 from pytest_llmbench.store import STORE_FILENAME, ResponseStore
 
 from ..helpers import FAKE_KEY, answer_key
+from .harness import QA_SUITE
 
 N = 200  # cases; each answer takes a few kilobytes of the store (and more of its WAL)
 SIZE = "512k"  # the filesystem: room for some answers, not for all of them
-SUITE = """
-import pytest
-
-@pytest.mark.llmbench(dataset="data.jsonl", temperatures=[0.0], id="qid")
-def test_qa(case, llm):
-    r = llm.generate_response(case["question"], max_tokens=8)
-    assert r.text == case["answer"], r.text  # no case passes without its own answer
-"""
 
 
 def _mount(point: Path, size: str) -> str | None:
@@ -107,7 +100,7 @@ def test_disk_full(
         for i in range(N)
     ]
     (pytester.path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pytester.makepyfile(test_suite=SUITE)
+    pytester.makepyfile(test_suite=QA_SUITE)
     pytester.makeini("[pytest]\n")
     run_dir = tmp_path / "tiny" / "run"
     config = SimConfig(answer_key=answer_key(rows), p_correct=1.0, seed=5)

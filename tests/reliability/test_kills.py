@@ -32,6 +32,7 @@ from pytest_llmbench.sim import SimConfig, Simulator
 
 from ..helpers import FAKE_KEY, wait_for
 from .harness import (
+    FAST_BATCHES,
     ONE_CALL,
     TWO_CALLS,
     Finished,
@@ -55,11 +56,6 @@ N = 80  # cases per stage
 #: the real-time stages: paced, so that each stage lasts long enough to be hit
 REALTIME_ARGS = ("-n", "2", "-v", "--llm-rpm", "2400", "--llm-burst-seconds", "0.25")
 BATCH_ARGS = ("-n", "2", "-v", "--batch-api", "--llm-batch-poll", "0.05")
-FAST_BATCH = {
-    "batch_validating_seconds": 0.05,
-    "batch_finalizing_seconds": 0.05,
-    "batch_requests_per_second": None,
-}
 #: the polling stage: one job that stays open long enough for three runs to start and
 #: poll it (about 18 s: a run takes 3 to 6 s to reach its first poll on a busy machine)
 SLOW_BATCH = {
@@ -171,7 +167,7 @@ STAGES = {
         at_upload,
         NO_WORKER,
         batch=True,
-        sim=FAST_BATCH,
+        sim=FAST_BATCHES,
         env={"LLMBENCH_BATCH_MAX_REQUESTS": "10"},  # 8 input files, uploaded one by one
     ),
     "batch polling": Stage("batch polling", at_polling, NO_WORKER, True, SLOW_BATCH),

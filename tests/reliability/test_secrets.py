@@ -29,23 +29,11 @@ from pytest_llmbench.sim import SimConfig, Simulator
 
 from ..helpers import answer_key
 from ..test_plugin import write_dataset
+from .harness import FAST_BATCHES, QA_SUITE
 
 SECRET = "sk-test-fake-key-SECRETSCAN-4242"  # fake, and easy to find
 FRAGMENT = b"SECRETSCAN"  # a masked or cut key still shows it
 N = 10
-SUITE = """
-import pytest
-
-@pytest.mark.llmbench(dataset="data.jsonl", temperatures=[0.0], id="qid")
-def test_qa(case, llm):
-    r = llm.generate_response(case["question"], max_tokens=8)
-    assert r.text == case["answer"], r.text  # no case passes without its own answer
-"""
-FAST_BATCHES = {
-    "batch_validating_seconds": 0.05,
-    "batch_finalizing_seconds": 0.05,
-    "batch_requests_per_second": None,
-}
 
 
 def leaks(data: bytes) -> bool:
@@ -56,7 +44,7 @@ def test_secrets(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, survives: Callable[..., Any]
 ) -> None:
     key = answer_key(write_dataset(pytester.path / "data.jsonl", N))
-    pytester.makepyfile(test_suite=SUITE)
+    pytester.makepyfile(test_suite=QA_SUITE)
     pytester.makeini("[pytest]\n")
     html = ["--llm-html", "h.html"] if _has("plotly", "jinja2") else []
     outputs: list[str] = []
