@@ -344,12 +344,12 @@ class Concurrency:
         once had to wait could be overtaken again and again by workers coming back for
         their next request, and its test would wait until the end of the fetch."""
         if self.in_flight < self.limit and not self._waiters:
-            self.in_flight += 1
+            generation, counts = self._grant()
         else:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
-                await waiter  # _wake counts the slot it hands over in in_flight
+                generation, counts = await waiter  # _wake granted it (see _grant)
             except asyncio.CancelledError:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -357,8 +357,18 @@ class Concurrency:
                     self.in_flight -= 1  # handed a slot, then cancelled: the next one's
                     self._wake()
                 raise
+        return Slot(generation, self._clock(), counts)
+
+    def _grant(self) -> tuple[int, bool]:
+        """Take a slot: the generation it is granted in, and whether the limit had been
+        filled by then. Decided at the grant, in grant order: slots handed to several
+        waiters at once (a limit that rose) resume later, when the count is already
+        full, and the first of them must not count (the queue ahead of it is the old,
+        shorter one; its short latency against the new count would overstate the
+        throughput, Little's law holding only once the queue has built up)."""
+        self.in_flight += 1
         self._filled = self._filled or self.in_flight >= self.limit
-        return Slot(self._generation, self._clock(), self._filled)
+        return self._generation, self._filled
 
     @property
     def wants_rate(self) -> bool:
@@ -415,5 +425,4 @@ class Concurrency:
         while self.in_flight < self.limit and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                self.in_flight += 1
-                waiter.set_result(None)
+                waiter.set_result(self._grant())

@@ -361,6 +361,42 @@ def test_answers_of_requests_sent_under_an_older_limit_give_no_sample() -> None:
     asyncio.run(main())
 
 
+def test_when_a_rising_limit_wakes_several_waiters_only_the_one_that_fills_it_counts() -> None:
+    """The slots a raised limit hands out at once are granted in order: the first ones
+    are sent behind the old, shorter queue, and their short latencies against the new
+    count would overstate the throughput (a server with 2 slots then looked like it
+    gained at 4 and 8, and the limit settled at 8: the CI failure of the test above)."""
+
+    async def main() -> list[bool]:
+        clock = ManualClock()
+        gate = Concurrency(64, clock=clock)
+        for _ in range(3):
+            await alone(gate, clock, S)  # the first window: the limit goes to 2
+        first, filling = await gate.acquire(), await gate.acquire()
+        assert (first.counts, filling.counts) == (False, True)
+        waiting = [asyncio.create_task(gate.acquire()) for _ in range(6)]
+        await asyncio.sleep(0)  # all six queue behind the full limit
+        gate.sent(first)
+        gate.sent(filling)
+        clock.advance(S)
+        gate.release(first, S)  # no sample; its slot goes to the first waiter
+        at_two = [filling, await waiting.pop(0)]
+        gate.release(at_two[0], S)  # sample 1; a slot to the next waiter
+        at_two.append(await waiting.pop(0))
+        for slot in at_two[1:]:
+            gate.sent(slot)
+        clock.advance(S)
+        gate.release(at_two[1], S)  # sample 2
+        at_two.append(await waiting.pop(0))
+        gate.release(at_two[2], S)  # sample 3 closes the window: the limit doubles
+        assert gate.limit == 4 and gate.in_flight == 4  # 1 held, 3 handed out at once
+        woken = [await task for task in waiting]
+        return [slot.counts for slot in woken]
+
+    # of the three woken at 4, only the one that filled it counts
+    assert asyncio.run(main()) == [False, False, True]
+
+
 def test_a_fixed_gate_keeps_its_maximum() -> None:
     async def main() -> Concurrency:
         gate = Concurrency(3, adaptive=False, clock=ManualClock())
