@@ -322,7 +322,7 @@ class Concurrency:
         self._generation = 0
         self._filled = False  # the current limit has been filled since it was set
         self._started = False  # a request has been sent
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[tuple[int, bool]]] = deque()
 
     def __repr__(self) -> str:
         kind = "adaptive" if self.adaptive else "fixed"
