@@ -1,0 +1,83 @@
+"""How a process that ran llmbench cases exits (``runtime.collect_then_freeze``).
+
+Real pytest processes, on the built-in simulator: a conftest registers an ``atexit``
+handler when it is imported, before the plugin registers its own, so it runs after the
+plugin's and sees what the plugin left for the interpreter's shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+CONFTEST = """
+import atexit, gc, json, os
+
+import pytest
+
+ROOT = {root!r}
+ROLE = "plan" if os.environ.get("PYTEST_LLMBENCH_PHASE") else "main"
+
+def pytest_configure(config):
+    global ROLE
+    if hasattr(config, "workerinput"):  # an xdist worker of this run
+        ROLE = config.workerinput["workerid"]
+
+class Holder:
+    def __init__(self):
+        self.me = self  # a reference cycle: only the garbage collector frees it
+
+    def __del__(self, open=open):
+        with open(os.path.join(ROOT, "finalized-" + ROLE + ".txt"), "w") as fh:
+            fh.write("finalized")
+
+def _leave_garbage():
+    gc.disable()  # it stays garbage until something collects it
+    Holder()
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    # after pytest's own last collection (its cleanups) and after the plugin registered
+    # its handler: runs before it, at exit
+    atexit.register(_leave_garbage)
+
+def _seen():
+    with open(os.path.join(ROOT, "exit-" + ROLE + ".json"), "w") as fh:
+        json.dump({{"frozen": gc.get_freeze_count()}}, fh)
+
+atexit.register(_seen)
+"""
+
+SUITE = """
+import pytest
+
+@pytest.mark.llmbench(dataset=[{"id": "a", "q": "What is 2+2?"}], temperatures=[0.0])
+def test_q(case, llm):
+    assert llm.generate_response(case["q"], max_tokens=5).ok
+"""
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_process_that_ran_cases_exits_frozen_and_still_finalizes_its_garbage(
+    pytester: pytest.Pytester, workers: str
+) -> None:
+    pytester.makeconftest(CONFTEST.format(root=str(pytester.path)))
+    pytester.makepyfile(test_exit_suite=SUITE)
+    result = pytester.runpytest_subprocess("--llm-sim", "-n", workers, "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    # Then the controller's shutdown had its objects frozen (its own final collections
+    # skip them)...
+    seen = json.loads((pytester.path / "exit-main.json").read_text("utf-8"))
+    assert seen["frozen"] > 10_000, seen
+    # ...and garbage in a reference cycle at exit was still finalized: the one
+    # collection before the freeze did it, as the interpreter's own would have
+    assert (pytester.path / "finalized-main.txt").read_text("utf-8") == "finalized"
+
+
+def test_a_run_without_llmbench_cases_is_left_alone(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST.format(root=str(pytester.path)))
+    pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    result = pytester.runpytest_subprocess("-n", "0", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    assert json.loads((pytester.path / "exit-main.json").read_text("utf-8")) == {"frozen": 0}
