@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import json
 import os
 from collections.abc import Mapping
@@ -127,6 +128,7 @@ class AioSender:
         self._client_error = aiohttp.ClientError
         self._session: aiohttp.ClientSession | None = None
         self._sdk: SdkSender | None = None
+        self._sdk_imported: asyncio.Future[Any] | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         import aiohttp
@@ -153,13 +155,29 @@ class AioSender:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except asyncio.TimeoutError:  # aiohttp's time-outs (3.10: not the builtin's)
+            await self._import_sdk()
             raise sdk_error("timeout", self.url) from None
         except (self._client_error, OSError) as exc:
+            await self._import_sdk()
             raise sdk_error("connection", self.url, detail=exc) from None
         text = raw.decode("utf-8", "replace")
         if 200 <= status < 300:
             return WireAnswer(headers, text)
+        await self._import_sdk()
         raise status_error(self.url, status, headers, text)
+
+    async def _import_sdk(self) -> None:
+        """Import the SDK, whose exceptions every error becomes, in a thread the first
+        time one needs it (a run without errors never imports it). Importing it costs
+        0.6 s of CPU, and 2-3 s while xdist starts its workers on 2 cores: on the event
+        loop, the first 429 held up every other request's answer and reservation for that
+        long (the fetch then paused as if rate-limited). In a thread, the loop goes on;
+        every error meanwhile waits for the same import."""
+        if self._sdk_imported is None:
+            self._sdk_imported = asyncio.ensure_future(
+                asyncio.to_thread(importlib.import_module, "openai")
+            )
+        await asyncio.shield(self._sdk_imported)
 
     def _sdk_sender(self) -> SdkSender:
         if self._sdk is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -195,3 +197,64 @@ def test_transport_sdk_sends_everything_through_the_sdk() -> None:
     sender = Shared(config("http://127.0.0.1:9/v1", transport="sdk"), None).sender()
     assert isinstance(sender, SdkSender)
     asyncio.run(sender.close())
+
+
+FIRST_ERROR = """
+import asyncio, sys, threading
+
+from aiohttp import web
+
+from pytest_llmbench.config import LLMConfig
+from pytest_llmbench.transport import Shared
+
+IMPORTED_ON = []
+
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "openai":
+            IMPORTED_ON.append(threading.current_thread().name)
+        return None
+
+
+async def main():
+    async def refuse(request):
+        return web.json_response({"error": {"message": "slow down"}}, status=429)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    cfg = LLMConfig.model_validate(
+        {"api_key": "sk-test-fake-key-wire-0000", "base_url": f"http://127.0.0.1:{port}/v1"},
+        context={"env": {}},
+    )
+    sender = Shared(cfg, None).sender()
+    assert "openai" not in sys.modules, "imported before any error"
+    sys.meta_path.insert(0, Watch())
+    try:
+        await sender.send_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    except Exception as exc:
+        print(type(exc).__module__, type(exc).__name__, IMPORTED_ON)
+    await sender.close()
+    await runner.cleanup()
+
+
+asyncio.run(main())
+"""
+
+
+def test_the_first_error_imports_the_sdk_off_the_event_loop() -> None:
+    # Given a process that has not imported the SDK (a fetch with no error so far), when
+    # the first error arrives: it is the SDK's own exception, and the SDK was imported
+    # in a worker thread, so the event loop went on meanwhile (2-3 s on a loaded machine)
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_ERROR], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, name, threads = out.stdout.split(maxsplit=2)
+    assert (module, name) == ("openai", "RateLimitError")
+    assert threads.strip().startswith("['asyncio_"), threads  # not ['MainThread']
