@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,12 +291,20 @@ def _body(req: PlannedRequest) -> dict[str, Any]:
     return req.body
 
 
-def raw(base_url: str, tag: str, n: int) -> Round:
-    work = bodies(tag, n)
+#: a bare loop: (base URL, request bodies) -> errors
+BareLoop = Callable[[str, list[dict[str, Any]]], Coroutine[Any, Any, int]]
+
+
+def bare(name: str, loop: BareLoop, base_url: str, work: list[dict[str, Any]]) -> Round:
+    """One round of a bare loop (no budget, no store): its wall and CPU time, its errors."""
     cpu, started = time.process_time(), time.perf_counter()
-    errors = asyncio.run(raw_loop(base_url, work))
+    errors = asyncio.run(loop(base_url, work))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return Round("raw aiohttp", n, wall, cpu, errors)
+    return Round(name, len(work), wall, cpu, errors)
+
+
+def raw(base_url: str, tag: str, n: int) -> Round:
+    return bare("raw aiohttp", raw_loop, base_url, bodies(tag, n))
 
 
 async def httpx_loop(base_url: str, work: list[dict[str, Any]]) -> int:
@@ -346,7 +355,7 @@ async def sdk_loop(base_url: str, work: list[dict[str, Any]], aio: bool) -> int:
     return errors
 
 
-TRANSPORTS = {
+TRANSPORTS: dict[str, BareLoop] = {
     "aiohttp": raw_loop,
     "httpx2": httpx_loop,
     "AsyncOpenAI (httpx2)": lambda url, work: sdk_loop(url, work, aio=False),
@@ -354,18 +363,15 @@ TRANSPORTS = {
 }
 
 
-def transports(sim: SimProcess, n: int, rounds: int) -> int:
+def transports(sim: SimProcess, n: int, rounds: int, server: str) -> int:
     results: list[tuple[Round, float]] = []
     for r in range(rounds):
         for name, loop in TRANSPORTS.items():
-            work = bodies(f"{name}{r}", n)
             server_cpu = sim.cpu_seconds()
-            cpu, started = time.process_time(), time.perf_counter()
-            errors = asyncio.run(loop(sim.base_url, work))
-            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-            results.append((Round(name, n, wall, cpu, errors), sim.cpu_seconds() - server_cpu))
+            got = bare(name, loop, sim.base_url, bodies(f"{name}{r}", n))
+            results.append((got, sim.cpu_seconds() - server_cpu))
     print(f"\nA bare request through each client: {n} a round, {CONCURRENCY} in flight")
-    return report(n, results)
+    return report(n, results, server)
 
 
 # ------------------------------------------------------------------------------ main
@@ -387,12 +393,13 @@ def main() -> int:
     args = parser.parse_args()
     n = args.n or (500 if args.quick else 5000)
     sim = LLMockProcess() if args.server == "llmock" else SimProcess()
+    server = "llmock" if args.server == "llmock" else "simulator"
     print(f"server: {args.server} at {sim.base_url}")
     results: list[tuple[Round, float]] = []
     if args.transports:
         try:
             raw(sim.base_url, "warm-raw", 200)  # warm-up, not measured
-            return transports(sim, n, args.rounds)
+            return transports(sim, n, args.rounds, server)
         finally:
             sim.close()
     try:
@@ -414,7 +421,7 @@ def main() -> int:
                     results.append((got, sim.cpu_seconds() - server_cpu))
     finally:
         sim.close()
-    return report(n, results, "llmock" if args.server == "llmock" else "simulator")
+    return report(n, results, server)
 
 
 def report(n: int, results: list[tuple[Round, float]], server: str = "simulator") -> int:
