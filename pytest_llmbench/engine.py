@@ -248,7 +248,10 @@ class Fetch:
 
     def unsaved(self, batch: list[Pair], exc: StoreError) -> None:
         """A full disk, a read-only or broken store: every later answer would be paid
-        for and lost the same way, so the run stops here."""
+        for and lost the same way, so the run stops here (also for an empty batch: the
+        answers were written, but the disk would not sync them)."""
+        if not batch and self.fatal is None:
+            self._stop_fatal(LLMCallError(f"cannot save answers: {exc}", status=200, fatal=True))
         for req, answer in batch:
             error = LLMCallError(f"cannot save answers: {exc}", status=200, fatal=True)
             error.attempts = answer.attempts
@@ -275,12 +278,18 @@ class Fetch:
                 if not exc.fatal:  # a store that cannot save answers has stopped the run
                     raise
         if first_fatal:
-            self.state.stop.trip(str(exc))
-            if self.journal is not None:
-                self.journal.end("fatal", str(exc))
+            self._stop_fatal(exc)
         if self.journal is not None:
             self.journal.settled(req.key)
         self.progress.fail(exc)
+
+    def _stop_fatal(self, exc: LLMCallError) -> None:
+        """Stop the run for ``exc``, an error every later request would meet too."""
+        self.fatal = exc
+        self.stopping.set()
+        self.state.stop.trip(str(exc))
+        if self.journal is not None:
+            self.journal.end("fatal", str(exc))
 
     def cap_reached(self, reason: str) -> None:
         """``--llm-max-cost``: send nothing more; tests waiting for an answer that will

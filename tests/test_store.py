@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.pool
@@ -23,6 +24,7 @@ from pytest_llmbench.errors import StoreError, UnusableStoreError
 from pytest_llmbench.run_dir import check_store
 from pytest_llmbench.store import (
     STORE_FILENAME,
+    PlannedRequest,
     ResponseStore,
     StoredResponse,
     ensure_run_dir,
@@ -410,3 +412,89 @@ def test_kill_9_loses_nothing_that_was_reported(tmp_path: Path) -> None:
         found = store.get_many(reported)
         assert set(found) == set(reported)
         assert store._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# ---------------------------------------------------------------------------------------
+# The fetch's group commit (saver.py): committed at the end of each turn of the event
+# loop without an fsync, the write-ahead log fsynced at most SYNC_EVERY_S later and by
+# flush()
+
+
+class CountingStore(ResponseStore):
+    syncs = 0
+    broken = False
+
+    def sync(self) -> None:
+        self.syncs += 1
+        if self.broken:
+            raise StoreError(f"{self.path}: cannot sync the store: [Errno 5] I/O error")
+        super().sync()
+
+
+def planned(i: int) -> PlannedRequest:
+    nodeid = f"tests/test_x.py::test_q[q{i}-t0]"
+    return PlannedRequest(request_key(nodeid, 0, ENDPOINT, BODY), nodeid, 0, ENDPOINT, BODY)
+
+
+def test_a_turns_answers_are_one_commit_readable_at_once_and_synced_by_flush(
+    tmp_path: Path,
+) -> None:
+    from pytest_llmbench.response import Answer
+    from pytest_llmbench.saver import GroupSaver
+
+    store = CountingStore.open(tmp_path / ".llmbench")
+    assert isinstance(store, CountingStore)
+    handed: list[list[str]] = []
+    saver = GroupSaver(
+        store,
+        source="prefetch",
+        replace=False,
+        saved=lambda batch: handed.append([r.key for r, _ in batch]),
+        unsaved=lambda batch, exc: pytest.fail(str(exc)),
+    )
+    requests = [planned(i) for i in range(5)]
+
+    async def one_turn() -> None:
+        for req in requests:
+            saver.add(req, Answer(ANSWER, {"x-request-id": "r"}, 0.1, 1))
+        assert handed == []  # queued: written at the end of this turn
+        await asyncio.sleep(0)
+
+    asyncio.run(one_turn())
+    assert saver.commits == 1 and handed == [[r.key for r in requests]]
+    with ResponseStore.open(tmp_path / ".llmbench") as other:  # another connection
+        assert len(other) == 5
+    saver.flush()
+    assert store.syncs == 1  # the commit without an fsync is made durable at the end
+    saver.flush()
+    assert store.syncs == 1  # nothing new: nothing to sync
+    store.close()
+
+
+def test_a_store_that_cannot_sync_is_reported_as_unsaved(tmp_path: Path) -> None:
+    from pytest_llmbench.response import Answer
+    from pytest_llmbench.saver import GroupSaver
+
+    store = CountingStore.open(tmp_path / ".llmbench")
+    assert isinstance(store, CountingStore)
+    store.broken = True
+    errors: list[tuple[int, str]] = []
+    saver = GroupSaver(
+        store,
+        source="prefetch",
+        replace=False,
+        saved=lambda batch: None,
+        unsaved=lambda batch, exc: errors.append((len(batch), str(exc))),
+    )
+    saver.add(planned(0), Answer(ANSWER, {}, 0.1, 1))  # no loop: written and synced now
+    assert errors == [(1, f"{store.path}: cannot sync the store: [Errno 5] I/O error")]
+    store.close()
+
+
+def test_sync_without_a_write_ahead_log_is_a_no_op(tmp_path: Path) -> None:
+    with ResponseStore.open(tmp_path / ".llmbench") as store:
+        put(store, "k" * 64)
+        store.sync()  # the log exists: fsynced
+    with ResponseStore.open(tmp_path / ".llmbench") as store:
+        Path(f"{store.path}-wal").unlink(missing_ok=True)
+        store.sync()

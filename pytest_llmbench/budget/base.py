@@ -129,13 +129,14 @@ class RateLimitSnapshot:
 
     @classmethod
     def from_headers(
-        cls, headers: Mapping[str, str], ticket: Ticket | None = None
+        cls, headers: Mapping[str, str], ticket: Ticket | None = None, *, lowered: bool = False
     ) -> RateLimitSnapshot:
         """Parse the headers; missing or garbage values become None, never an exception.
+        ``lowered``: ``headers`` is a dict of str whose names are lower-case already.
 
         When a project token limit is reported too, the more restrictive one wins.
         """
-        h = {str(k).lower(): str(v) for k, v in headers.items()}
+        h = headers if lowered else {str(k).lower(): str(v) for k, v in headers.items()}
         p = "x-ratelimit-"
 
         def tokens(kind: str, parse: Callable[[str | None], float | None]) -> float | None:

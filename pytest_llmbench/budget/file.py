@@ -39,6 +39,7 @@ No fsync: the state is a rate budget; losing it in a power cut costs one burst.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -217,6 +218,8 @@ class FileBudget(BaseBudget):
         # settle_later's changes, applied by the next locked operation (deque: appends
         # and pops are atomic across threads)
         self._pending: deque[Callable[[BudgetState, float], None]] = deque()
+        # aacquire_ticket's reservations of this turn of each event loop, made together
+        self._asked: dict[asyncio.AbstractEventLoop, list[tuple[Reservation, Waiter]]] = {}
 
     # -- the Budget protocol
 
@@ -233,15 +236,51 @@ class FileBudget(BaseBudget):
         return change
 
     async def aacquire_ticket(self, tokens: int) -> tuple[float, Ticket | None]:
-        """Reserve without blocking the event loop: inline when the lock is free at once
-        (one short read-modify-write), in a thread when another holder has it."""
-        change = self._reservation(tokens)
-        reserved = self._try_update(change)
-        if reserved is None:
-            reserved = await asyncio.to_thread(self._update, change)
+        """Reserve without blocking the event loop. The reservations asked for in one turn
+        of the event loop are made together, in order, at the start of the next: one
+        locked read-modify-write for all of them (inline when the lock is free at once,
+        in a thread when another holder has it). Each gets the wait and ticket it would
+        have got alone a few microseconds later; a fetch whose answers come back in
+        groups (a fast server: 10-20 an event-loop turn) pays one operation a group
+        instead of one a request."""
+        loop = asyncio.get_running_loop()
+        waiter: Waiter = loop.create_future()
+        asked = self._asked.setdefault(loop, [])
+        asked.append((self._reservation(tokens), waiter))
+        if len(asked) == 1:
+            loop.call_soon(self._reserve_asked, loop)
+        reserved = await waiter
         if reserved[0] > 0:
             await asyncio.sleep(reserved[0])
         return reserved
+
+    def _reserve_asked(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make the reservations asked for on ``loop`` since the last call, in one
+        operation."""
+        asked = self._asked.pop(loop, [])
+        changes = [change for change, _ in asked]
+        waiters = [waiter for _, waiter in asked]
+
+        def reserve_all(s: BudgetState, now: float) -> list[tuple[float, Ticket] | BudgetError]:
+            out: list[tuple[float, Ticket] | BudgetError] = []
+            for change in changes:
+                try:
+                    out.append(change(s, now))
+                except BudgetError as exc:  # this one can never fit; it changed nothing
+                    out.append(exc)
+            return out
+
+        try:
+            done = self._try_update(reserve_all)
+        except BudgetError as exc:
+            _hand_out(waiters, exc)
+            return
+        if done is not None:
+            _hand_out(waiters, done)
+            return
+        # the lock is busy (another process): wait for it in a thread
+        later = asyncio.ensure_future(asyncio.to_thread(self._update, reserve_all))
+        later.add_done_callback(functools.partial(_hand_out_when_done, waiters))
 
     def correct(self, reserved_tokens: int, actual_tokens: int) -> None:
         self._update(
@@ -380,6 +419,41 @@ class FileBudget(BaseBudget):
             return BudgetState()
         except OSError as exc:
             raise BudgetError(f"cannot read the budget state {self.path}: {exc}") from None
+
+
+Reservation = Callable[[BudgetState, float], tuple[float, Ticket]]
+Waiter = asyncio.Future[tuple[float, Ticket]]
+
+
+def _hand_out(
+    waiters: list[Waiter],
+    outcome: list[tuple[float, Ticket] | BudgetError] | BaseException | None,
+) -> None:
+    """Give each waiter its reservation (or the error that stopped them all; None: the
+    operation was cancelled). A waiter cancelled meanwhile is skipped: what it reserved
+    stays reserved, as a request that was never sent (debt that refills)."""
+    for i, waiter in enumerate(waiters):
+        if waiter.done():
+            continue
+        got = outcome[i] if isinstance(outcome, list) else outcome
+        if got is None:
+            waiter.cancel()
+        elif isinstance(got, BaseException):
+            waiter.set_exception(got)
+        else:
+            waiter.set_result(got)
+
+
+def _hand_out_when_done(
+    waiters: list[Waiter], done: asyncio.Future[list[tuple[float, Ticket] | BudgetError]]
+) -> None:
+    """``_hand_out`` for reservations made in a thread."""
+    if done.cancelled():
+        _hand_out(waiters, None)
+    elif (exc := done.exception()) is not None:
+        _hand_out(waiters, exc)
+    else:
+        _hand_out(waiters, done.result())
 
 
 def _nothing(state: BudgetState, now: float) -> None:
