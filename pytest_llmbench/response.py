@@ -189,13 +189,16 @@ def estimate_tokens(
 
 @dataclass
 class Answer:
-    """A raw answer as it arrived: the JSON body, the response headers, and what it took."""
+    """A raw answer as it arrived: the JSON body, the response headers, and what it took.
+    ``text`` is the body as the server sent it, when known (the store keeps it as it is
+    instead of encoding ``body`` again); it must parse to ``body``."""
 
     body: dict[str, Any]
     headers: dict[str, str]
     latency: float
     attempts: int
     rate_limited: int = 0
+    text: str | None = field(default=None, repr=False, compare=False)
 
 
 __all__ = ["Answer", "ClientStats", "ModelStats", "Response", "Usage", "estimate_tokens"]

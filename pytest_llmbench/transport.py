@@ -348,7 +348,7 @@ class Call:
             raise LLMCallError(
                 f"the API answered 200 with a malformed body ({exc})", status=200, retryable=True
             ) from None
-        answer = Answer(body, headers, latency, self.attempts, self.limited)
+        answer = Answer(body, headers, latency, self.attempts, self.limited, raw_http.text)
         if self.on_answer is not None:
             # saved before any bookkeeping: the window in which a crash loses a paid-for
             # answer is only the store's own fsync

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -498,3 +499,19 @@ def test_sync_without_a_write_ahead_log_is_a_no_op(tmp_path: Path) -> None:
     with ResponseStore.open(tmp_path / ".llmbench") as store:
         Path(f"{store.path}-wal").unlink(missing_ok=True)
         store.sync()
+
+
+def test_an_answer_with_its_text_is_stored_as_the_server_sent_it(tmp_path: Path) -> None:
+    from pytest_llmbench.response import Answer
+
+    text = '{"id": "chatcmpl-1",  "choices": [{"message": {"content": "\\u00e9"}}]}'
+    body = json.loads(text)
+    req = planned(0)
+    with ResponseStore.open(tmp_path / ".llmbench") as store:
+        store.save_many(
+            [(req, Answer(body, {}, 0.1, 1, text=text))], source="prefetch", replace=False
+        )
+        got = store.get(req.key)
+        assert got is not None and got.response == body
+        raw = store._query("SELECT response FROM responses WHERE key = ?", (req.key,))
+        assert raw == [(text,)]  # not encoded again
