@@ -76,18 +76,20 @@ class GroupSaver:
         """Write what is queued, hand it on; fsync when it is time (or ``final``)."""
         self._scheduled = False
         batch, self._queue = self._queue, []
-        try:
-            if batch:
-                self.store.save_many(batch, source=self.source, replace=self.replace, durable=False)
-                self.commits += 1
-                self._unsynced = True
-            if self._unsynced and (final or time.monotonic() - self._synced >= SYNC_EVERY_S):
-                self._unsynced, self._synced = False, time.monotonic()
-                self.store.sync()
-        except StoreError as exc:
-            # not written, or a disk that cannot sync (it will not keep the next answers
-            # either): ``unsaved`` stops the run, with an empty batch too
-            self.unsaved(batch, exc)
-            return
         if batch:
-            self.saved(batch)
+            try:
+                self.store.save_many(batch, source=self.source, replace=self.replace, durable=False)
+            except StoreError as exc:
+                self.unsaved(batch, exc)  # none of it written
+                return
+            self.commits += 1
+            self._unsynced = True
+            self.saved(batch)  # in the store: readable, safe from a crash of the process
+        if self._unsynced and (final or time.monotonic() - self._synced >= SYNC_EVERY_S):
+            self._unsynced, self._synced = False, time.monotonic()
+            try:
+                self.store.sync()
+            except StoreError as exc:
+                # the answers are stored, but a disk that cannot sync will not keep the
+                # next ones either: an empty batch to ``unsaved`` stops the run
+                self.unsaved([], exc)

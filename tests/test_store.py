@@ -472,7 +472,9 @@ def test_a_turns_answers_are_one_commit_readable_at_once_and_synced_by_flush(
     store.close()
 
 
-def test_a_store_that_cannot_sync_is_reported_as_unsaved(tmp_path: Path) -> None:
+def test_a_store_that_cannot_sync_keeps_what_it_wrote_and_reports_the_error(
+    tmp_path: Path,
+) -> None:
     from pytest_llmbench.response import Answer
     from pytest_llmbench.saver import GroupSaver
 
@@ -480,15 +482,19 @@ def test_a_store_that_cannot_sync_is_reported_as_unsaved(tmp_path: Path) -> None
     assert isinstance(store, CountingStore)
     store.broken = True
     errors: list[tuple[int, str]] = []
+    handed: list[int] = []
     saver = GroupSaver(
         store,
         source="prefetch",
         replace=False,
-        saved=lambda batch: None,
+        saved=lambda batch: handed.append(len(batch)),
         unsaved=lambda batch, exc: errors.append((len(batch), str(exc))),
     )
     saver.add(planned(0), Answer(ANSWER, {}, 0.1, 1))  # no loop: written and synced now
-    assert errors == [(1, f"{store.path}: cannot sync the store: [Errno 5] I/O error")]
+    # the answer is in the store and handed on as saved; the sync's error alone goes to
+    # unsaved, with no answers (the fetch stops the run on it)
+    assert handed == [1] and store.get(planned(0).key) is not None
+    assert errors == [(0, f"{store.path}: cannot sync the store: [Errno 5] I/O error")]
     store.close()
 
 
