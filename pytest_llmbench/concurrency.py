@@ -54,6 +54,15 @@ throughput ``T``):
   made it was no queue (the machine got busier): the step is undone, to what the lost
   throughput needs at the latency seen now, at most where it came from.
 
+**A 429** while no rate limit is known (none configured, none in the server's headers)
+halves the limit, once per generation (the refusals of requests granted before a change
+are the overload already answered), and it grows back as after a step down. A request
+refused while more are in flight than the new limit gives its slot up and queues for one
+again before it retries, first come first served: a server that refuses without saying
+its rate (llama.cpp's behind a proxy, a gateway) otherwise sees the whole flight come
+back together after each ``retry-after``, of which one or two get through, and a request
+can lose that draw until it runs out of retries.
+
 Against a server with 2 slots the limit goes 1, 2, 4 (latency 2x, no more throughput than
 at 2), back to 2, and probes 3 every few windows (latency 1.5x, nothing gained: back to 2).
 A server that does not queue gains at every doubling, so the limit reaches the maximum
@@ -262,6 +271,16 @@ class AdaptiveLimit:
         self.stepped_down = w
         return max(1, min(w.limit - 1, limit))
 
+    def refused(self) -> None:
+        """A 429 while no rate limit is known: the server refuses, rather than queues,
+        what it cannot serve, and nothing says at what rate. Halve the limit (the
+        multiplicative decrease of TCP's congestion control), held, then grown by
+        quarters as after any step down; the window under way is dropped."""
+        self.queue_at = self.limit
+        self.limit = max(1, self.limit // 2)
+        self.slow_start, self.hold, self.stepped_down = False, HOLD, None
+        self.samples, self._extended = [], False
+
     def revert(self, w: Window, stepped_down: Window) -> int:
         """The step down cost throughput: what made it was no queue (the load on the
         machine changed, say). Back up to what the throughput lost needs at the latency
@@ -387,6 +406,17 @@ class Concurrency:
             # flight; the first windows then grow or hold it as usual
             self.rule.limit = min(self.maximum, max(2, math.ceil(rate)))
         self._wake()  # the limit may have risen
+
+    def refused(self, slot: Slot) -> None:
+        """The request of ``slot`` got a 429 that is retried. With no rate limit known
+        (none configured, no ``x-ratelimit-*`` header) the limit halves, once per
+        generation: the refusals of requests granted before the last change are the same
+        overload, already answered."""
+        if not self.adaptive or self.rule.rate is not None or slot.generation != self._generation:
+            return
+        self.rule.refused()
+        self._generation += 1
+        self._filled = self.in_flight >= self.limit
 
     def sent(self, slot: Slot) -> None:
         """The budget let the request go (its first attempt)."""

@@ -117,15 +117,15 @@ class Runner(Generic[T]):
                 self.first_sent = True  # this one goes alone
             # a slot is held from before the budget's wait: a wait there shows the gate
             # that the budget, not the number in flight, paces the run
-            slot = await self.gate.acquire()
+            held = Held(self, await self.gate.acquire())
             latency: float | None = None
             try:
-                latency = await self.send(aclient, item, slot)
+                latency = await self.send(aclient, item, held)
             finally:
-                self.gate.release(slot, latency)
+                held.release(latency)
                 self.learned.set()
 
-    async def send(self, aclient: Sender, item: T, slot: Slot) -> float | None:
+    async def send(self, aclient: Sender, item: T, held: Held) -> float | None:
         """Send one item; returns its answer's latency, for the gate (None: no answer, or
         one that took retries, whose latency is its last attempt's alone)."""
         shared, stats = self.shared, self.stats
@@ -137,11 +137,7 @@ class Runner(Generic[T]):
                 return None
             with scope:
                 answer = await shared.asend(
-                    self.body(item),
-                    stats,
-                    aclient,
-                    lambda a: self.on_answer(item, a),
-                    ready=lambda: self._ready(slot),
+                    self.body(item), stats, aclient, lambda a: self.on_answer(item, a), held
                 )
         except RunStopped:
             return None  # not sent: the run stops
@@ -154,8 +150,38 @@ class Runner(Generic[T]):
                 self.gate.rate_limit(limit)
         return answer.latency if answer.attempts == 1 else None
 
-    def _ready(self, slot: Slot) -> None:
+
+class Held:
+    """One request's slot under the run's concurrency gate, across its attempts (the
+    :class:`~.transport.Attempts` of a concurrent run). A 429 while no rate limit is
+    known halves the gate's limit (``Concurrency.refused``); the attempts of the requests
+    already in flight above the new limit then give their slots up and queue for one
+    again, first come first served, instead of all trying again together after the
+    server's ``retry-after``, each time a herd of which one or two get through."""
+
+    def __init__(self, runner: Runner[Any], slot: Slot) -> None:
+        self.runner, self.gate = runner, runner.gate
+        self.slot: Slot | None = slot
+
+    async def again(self) -> None:
+        gate = self.gate
+        if self.slot is not None and gate.in_flight <= gate.limit:
+            return
+        self.release(None)
+        self.slot = await gate.acquire()
+
+    def ready(self) -> None:
         """Called once the budget lets a request go: a stop meanwhile keeps it unsent."""
-        if self.stop.is_set():
+        if self.runner.stop.is_set():
             raise RunStopped("the run is stopping")
-        self.gate.sent(slot)
+        if self.slot is not None:
+            self.gate.sent(self.slot)
+
+    def refused(self) -> None:
+        if self.slot is not None:
+            self.gate.refused(self.slot)
+
+    def release(self, latency: float | None) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            self.gate.release(slot, latency)

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt
 
@@ -61,6 +61,22 @@ MISSING_KEY = "no OpenAI API key: set OPENAI_API_KEY, or pass LLMConfig(api_key=
 
 
 OnAnswer = Callable[[Answer], None]
+
+
+class Attempts(Protocol):
+    """What a concurrent run (``runner.py``) hears of one call's attempts: its place
+    under the run's concurrency limit is held across them."""
+
+    async def again(self) -> None:
+        """Before each attempt after the first (the place may be given up and queued
+        for again, when the limit has come down meanwhile)."""
+
+    def ready(self) -> None:
+        """The budget lets an attempt go; may raise :class:`RunStopped` to keep it
+        unsent (the run stops)."""
+
+    def refused(self) -> None:
+        """The attempt got a 429 that is retried."""
 
 
 class Shared:
@@ -210,11 +226,10 @@ class Shared:
         stats: ClientStats,
         client: Sender | None = None,
         on_answer: OnAnswer | None = None,
-        ready: Callable[[], None] | None = None,
+        hooks: Attempts | None = None,
     ) -> Answer:
         """The async twin of :meth:`send`; the attempt logic lives in :class:`Call`.
-        ``ready()`` runs each time the budget lets an attempt go, just before it is sent;
-        it may raise :class:`RunStopped` to keep the request unsent (the run stops)."""
+        ``hooks`` (a concurrent run's) hear of each attempt: see :class:`Attempts`."""
         call = self._call(body, stats, on_answer)
         if call.cap is not None:
             # may stop the run (RunStopped): then it is not sent
@@ -224,13 +239,13 @@ class Shared:
         call.later = not own  # a concurrent run: its next request settles this one
         try:
             try:
-                return await self._aattempt(call, body, aclient, ready)
+                return await self._aattempt(call, body, aclient, hooks)
             except Exception as exc:
                 wait = self._first_retry(call, exc)
             await asyncio.sleep(wait)
             async for attempt in AsyncRetrying(**self._retrying_kwargs(call.est)):
                 with attempt:
-                    return await self._aattempt(call, body, aclient, ready)
+                    return await self._aattempt(call, body, aclient, hooks)
         except RunStopped:
             raise
         except Exception as exc:
@@ -246,16 +261,19 @@ class Shared:
         call: Call,
         body: dict[str, Any],
         aclient: Sender,
-        ready: Callable[[], None] | None,
+        hooks: Attempts | None,
     ) -> Answer:
+        if hooks is not None and call.attempts:
+            await hooks.again()
         call.ticket = await aacquire(call.budget, call.begin())
-        if ready is not None:
-            ready()
+        if hooks is not None:
+            hooks.ready()
         call.sending()
         try:
             raw = await aclient.send_chat(body)
         except Exception as exc:
-            call.failed(exc)
+            if call.failed(exc) and hooks is not None:
+                hooks.refused()
             raise
         return call.succeeded(raw)
 
@@ -320,20 +338,25 @@ class Call:
         """The budget let the attempt go: latency is measured from here."""
         self.started = time.perf_counter()
 
-    def failed(self, exc: BaseException) -> None:
-        """Feed a failed attempt back to the budget (a 429 pauses the whole pool)."""
+    def failed(self, exc: BaseException) -> bool:
+        """Feed a failed attempt back to the budget (a 429 pauses the whole pool); True
+        for a 429 that is retried."""
         import openai
 
         headers = as_mapping(getattr(getattr(exc, "response", None), "headers", None))
         if headers:
             self.budget.observe(RateLimitSnapshot.from_headers(headers, self.ticket))
         self.stats.add(self.model, requests=1)
-        if isinstance(exc, openai.RateLimitError):
-            self.limited += 1
-            self.stats.add(self.model, rate_limited=1)
-            wait = self.shared.policy.server_wait(exc, self.est)
-            if wait is not None and is_retryable(exc):
-                self.budget.pause(min(wait, self.shared.config.max_retry_after))
+        if not isinstance(exc, openai.RateLimitError):
+            return False
+        self.limited += 1
+        self.stats.add(self.model, rate_limited=1)
+        if not is_retryable(exc):
+            return False
+        wait = self.shared.policy.server_wait(exc, self.est)
+        if wait is not None:
+            self.budget.pause(min(wait, self.shared.config.max_retry_after))
+        return True
 
     def succeeded(self, raw_http: Any) -> Answer:
         latency = time.perf_counter() - self.started

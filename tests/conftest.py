@@ -13,6 +13,26 @@ from .helpers import FAKE_KEY
 __all__ = ["FAKE_KEY"]  # re-exported: test files import it from here (new ones: from .helpers)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _lazy_imports_done() -> None:
+    """Import what the SDK and its transport import lazily, on their first request,
+    before any test runs. pytester restores ``sys.modules`` after each of its tests: a
+    module first imported inside one (httpcore2's backend, say) is dropped and imported
+    anew by the next user, whose exception classes then no longer match the ones
+    imported before (a ``ReadTimeout`` went unmapped, and a time-out unretried, in a
+    test that ran after a pytester test had made the process's first SDK request)."""
+    import openai
+
+    with Simulator(SimConfig(), port=0) as server:
+        client = openai.OpenAI(api_key=FAKE_KEY, base_url=server.base_url, max_retries=0)
+        try:
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "warm"}]
+            )
+        finally:
+            client.close()
+
+
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
     """A fresh simulator (no limits, no latency) on a free loopback port."""

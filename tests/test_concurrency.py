@@ -127,6 +127,24 @@ def test_fixed_concurrency_keeps_the_old_flood(pytester: pytest.Pytester, api: S
     assert report["_pacing"].endswith("alone bounds it: 64 in flight (--llm-concurrency-fixed)")
 
 
+def test_a_server_that_refuses_without_saying_its_rate_brings_the_limit_down(
+    pytester: pytest.Pytester, api: Simulator
+) -> None:
+    # Given a server that enforces 1,200 requests a minute (20 a second) and refuses the
+    # rest with a 429 and a retry-after, but sends no x-ratelimit-* header, and no limit
+    # configured
+    api.configure(rpm=1200, rate_limit_headers=False)
+    report = fetch_run(pytester, 150)
+    prefetch, stats = report["run"]["prefetch"], api.stats()
+    # Then the refusals brought the limit down from the 64 the run would otherwise reach
+    # against a server answering at once, and every request went through the fetch
+    assert prefetch["fetched"] == 150 and prefetch["failed"] == 0, prefetch
+    assert prefetch["concurrency"] <= 4, prefetch
+    # And a refused request did not fight the whole flight for each freed place: about
+    # one refusal per answer beyond the first second's 20, not several
+    assert 0 < stats["rate_limit_429"] <= 150, stats["rate_limit_429"]
+
+
 def test_a_server_that_does_not_queue_gets_the_configured_concurrency(
     pytester: pytest.Pytester, api: Simulator
 ) -> None:
@@ -395,6 +413,43 @@ def test_when_a_rising_limit_wakes_several_waiters_only_the_one_that_fills_it_co
 
     # of the three woken at 4, only the one that filled it counts
     assert asyncio.run(main()) == [False, False, True]
+
+
+def test_a_refusal_halves_the_limit_once_per_generation() -> None:
+    async def main() -> None:
+        clock = ManualClock()
+        gate = Concurrency(64, clock=clock)
+        gate.rule.limit = 16
+        slots = [await gate.acquire() for _ in range(16)]
+        for slot in slots:
+            gate.sent(slot)
+        gate.refused(slots[0])  # the first refusal of a flight halves the limit...
+        assert gate.limit == 8 and gate.rule.hold == HOLD and not gate.rule.slow_start
+        for slot in slots[1:]:
+            gate.refused(slot)  # ...the others of the same flight are the same overload
+        assert gate.limit == 8
+        for slot in slots[7:]:
+            gate.release(slot, None)
+        again = await asyncio.wait_for(gate.acquire(), 1)  # granted after the change:
+        gate.sent(again)  # its refusal halves again
+        gate.refused(again)
+        assert gate.limit == 4 and gate.rule.queue_at == 8
+
+    asyncio.run(main())
+
+
+def test_a_refusal_leaves_a_known_rate_or_a_fixed_gate_alone() -> None:
+    async def main() -> tuple[int, int]:
+        paced, fixed = Concurrency(64, clock=ManualClock()), Concurrency(8, adaptive=False)
+        paced.rate_limit(600)  # the budget paces the run: a 429 is not the limit's doing
+        for gate in (paced, fixed):
+            slot = await gate.acquire()
+            gate.sent(slot)
+            gate.refused(slot)
+            gate.release(slot, None)
+        return paced.limit, fixed.limit
+
+    assert asyncio.run(main()) == (10, 8)
 
 
 def test_a_fixed_gate_keeps_its_maximum() -> None:
