@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sysconfig
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from .engine import Fetch
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: where the standard library's modules live (their frames say nothing of who called them)
+_STDLIB = os.path.join(sysconfig.get_paths()["stdlib"], "")
 ABORT_JOIN_S = 2.0  # after cancelling what was in flight: the thread's own wind-down
 
 
@@ -77,6 +80,14 @@ class Interrupts:
             fetch.join(ABORT_JOIN_S)
         self.message = self.line()
         self.session.shouldstop = self.message  # also if a test swallows the exception
+        if in_pytest(frame) and not self.session.config.pluginmanager.hasplugin("dsession"):
+            # (xdist's controller runs no test, and stops on its own flag, not this one)
+            # pytest's own code between the phases of a test: an exception raised there
+            # can leave a hook wrapper half-run (its generator, closed later by the
+            # garbage collector once capturing has ended, prints an unraisable traceback);
+            # pytest stops after this test instead, with the same line and status, and a
+            # test that waits for an answer meanwhile is told the run was interrupted
+            return
         raise RunInterrupted(self.message)
 
     def _default(self, signum: int, frame: FrameType | None) -> None:
@@ -88,3 +99,17 @@ class Interrupts:
             return
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+
+def in_pytest(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (where a signal found the main thread) runs pytest's or pluggy's
+    own code, or the standard library on their behalf, rather than a test's or this
+    plugin's."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] in ("_pytest", "pluggy"):
+            return True
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_STDLIB) or "-packages" in filename:
+            return False
+        frame = frame.f_back
+    return False

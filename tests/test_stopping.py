@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pytest_llmbench.errors import FATAL_EXIT_STATUS
+from pytest_llmbench.interrupts import in_pytest
 from pytest_llmbench.sim import SimConfig, Simulator
 
 from .helpers import FAKE_KEY, wait_for
@@ -205,6 +206,34 @@ def test_an_interrupt_keeps_what_is_in_flight(
     assert rerun.returncode == 0
     stats = api.stats()
     assert stats["duplicate_bodies"] == 0 and stats["chat_answered"] == 200
+
+
+def test_an_interrupt_in_pytests_own_code_waits_for_the_end_of_the_test() -> None:
+    """Where the first signal finds the main thread decides whether it raises there: in a
+    test or this plugin (waiting for an answer) it does; in pytest's or pluggy's code
+    between a test's phases it does not (a KeyboardInterrupt raised inside pytest's hook
+    machinery once left a capture wrapper half-run, whose traceback then reached the
+    output): pytest stops at the end of the test instead."""
+    import copy
+
+    def caught() -> Any:
+        return sys._getframe()
+
+    class Grab:
+        frames: list[Any] = []
+
+        def __deepcopy__(self, memo: Any) -> Grab:
+            Grab.frames.append(sys._getframe(1))  # the copy module's frame
+            return self
+
+    machinery: dict[str, Any] = {"__name__": "_pytest.runner", "sys": sys, "copy": copy}
+    exec("def phase():\n    return sys._getframe()", machinery)
+    exec("def through_stdlib(grab):\n    copy.deepcopy(grab)", machinery)
+    machinery["through_stdlib"](Grab())
+    assert in_pytest(machinery["phase"]())  # pytest's own code
+    assert in_pytest(Grab.frames[0])  # the standard library, called by pytest
+    assert not in_pytest(caught())  # a test's code, called by pytest
+    assert not in_pytest(None)
 
 
 def test_a_second_interrupt_exits_at_once(pytester: pytest.Pytester, api: Simulator) -> None:
