@@ -728,8 +728,10 @@ def test_parallelism_queues_the_rest_like_llama_cpp(start, client) -> None:
 
 
 def test_parallelism_none_is_unlimited_and_is_a_cli_flag(start, client) -> None:
-    # Given the default (no parallelism limit) and a fixed latency
-    sim = start(latency=LatencyConfig(kind="fixed", mean=0.2))
+    # Given the default (no parallelism limit) and a fixed latency long enough for 6
+    # threads to have sent theirs before the first answer, on a loaded machine too (at
+    # 0.2 s, two test suites side by side on 2 cores saw only 3 at once)
+    sim = start(latency=LatencyConfig(kind="fixed", mean=1.0))
     c = client(sim)
     with ThreadPoolExecutor(6) as pool:
         assert all(r.choices for r in pool.map(lambda _: _call(c), range(6)))
