@@ -17,7 +17,9 @@ measured here. Two loops send the same kind of request (gpt-4o-mini, one user me
   (the default), the default transport (aiohttp for plain bodies, ``wire.py``), retries,
   and for each answer what ``Fetch.answered`` does: the answers of one turn of the event
   loop saved to a fresh ``ResponseStore`` in one durable commit (``saver.py``), a journal
-  line each, the progress counters.
+  line each, the progress counters. The requests come as the plan subprocess hands
+  them over, with their store keys and prompt-token counts (made in that process, in
+  parallel with the fetch; here before the clock starts).
 
 Rounds alternate (raw, ours, raw, ours...) so a drift of the machine hits both. For each
 round: wall time, requests per second, client CPU (this process, all threads) and server
@@ -70,6 +72,7 @@ from pytest_llmbench.store import (  # noqa: E402
     ResponseStore,
     request_key,
 )
+from pytest_llmbench.tokens import request_prompt_tokens  # noqa: E402
 
 FAKE_KEY = "sk-test-fake-key-benchmark-0000"
 CONCURRENCY = 64
@@ -234,12 +237,13 @@ class Fetcher:
 
 
 def planned(tag: str, n: int) -> list[PlannedRequest]:
+    """The requests as the plan subprocess hands them to the fetch: key and prompt-token
+    count made there, in another process (not timed here)."""
     out = []
     for i, body in enumerate(bodies(tag, n)):
         nodeid = f"test_bench.py::test_case[{tag}-{i}]"
-        out.append(
-            PlannedRequest(request_key(nodeid, 0, ENDPOINT, body), nodeid, 0, ENDPOINT, body)
-        )
+        key, tokens = request_key(nodeid, 0, ENDPOINT, body), request_prompt_tokens(body)
+        out.append(PlannedRequest(key, nodeid, 0, ENDPOINT, body, tokens))
     return out
 
 
@@ -285,13 +289,19 @@ def ours(base_url: str, tag: str, n: int, tmp: Path) -> Round:
 
 async def fetch(client: LLMClient, work: list[PlannedRequest], fetcher: Fetcher) -> None:
     try:
-        await client.arun(work, _body, fetcher.answered, fetcher.on_error)
+        await client.arun(
+            work, _body, fetcher.answered, fetcher.on_error, prompt_tokens=_prompt_tokens
+        )
     finally:
         fetcher.saver.flush()  # as engine.Fetch does
 
 
 def _body(req: PlannedRequest) -> dict[str, Any]:
     return req.body
+
+
+def _prompt_tokens(req: PlannedRequest) -> int | None:
+    return req.prompt_tokens
 
 
 #: a bare loop: (base URL, request bodies) -> errors

@@ -371,6 +371,7 @@ class LLMClient:
         scope: Callable[[T], AbstractContextManager[None]] | None = None,
         stop: threading.Event | None = None,
         gate: Concurrency | None = None,
+        prompt_tokens: Callable[[T], int | None] | None = None,
     ) -> None:
         """Send the request ``body(item)`` of every item concurrently, within the budget.
 
@@ -387,8 +388,12 @@ class LLMClient:
         flight finish and are handed over as usual). ``gate`` is the limit on requests in
         flight (``concurrency.py``; by default an adaptive one up to ``max_concurrency``,
         or a fixed one with ``fixed_concurrency``); pass one to read what it settled on.
+        ``prompt_tokens(item)``, when given, is the prompt's token count if already known
+        (the plan counts it), None to count it here.
         """
-        runner = Runner(self.shared, self.stats, body, on_answer, on_error, scope, stop, gate)
+        runner = Runner(
+            self.shared, self.stats, body, on_answer, on_error, scope, stop, gate, prompt_tokens
+        )
         await runner.run(items)
 
     def openai_client(self, *, timeout: float | None = None) -> openai.OpenAI:

@@ -314,6 +314,7 @@ class Fetch:
                 scope=(lambda r: case_scope(r.nodeid)) if cassettes else None,
                 stop=self.stopping,
                 gate=self.gate,
+                prompt_tokens=_prompt_tokens,
             )
         finally:
             self.saver.flush()  # what the last turn queued
@@ -341,6 +342,10 @@ class Fetch:
 
 def _body(req: PlannedRequest) -> dict[str, Any]:
     return req.body
+
+
+def _prompt_tokens(req: PlannedRequest) -> int | None:
+    return req.prompt_tokens  # counted by the plan subprocess
 
 
 SPOOL_POLL_S = 0.02  # the spool is read this often while the plan subprocess runs

@@ -16,6 +16,7 @@ ids it would plan, and whether any test calls the model) that the controller rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import pytest
 from .progress import note
 from .runtime import PHASE_ENV
 from .store import PlannedRequest as PlannedRequest  # the planned requests are store records
+from .tokens import request_prompt_tokens
 
 if TYPE_CHECKING:
     from .runtime import RunState
@@ -48,11 +50,15 @@ Recorder = Callable[[str, str, int, str, dict[str, Any]], None]
 
 
 def plan_recorder(config: pytest.Config) -> Recorder:
-    """The ``record`` callback of the plan phase: one JSON line per unanswered request."""
+    """The ``record`` callback of the plan phase: one JSON line per unanswered request,
+    with its prompt's token count (counted here, in parallel with the fetch, which then
+    need not count it for the budget)."""
     path = Path(os.environ[SPOOL_ENV])
 
     def record(key: str, nodeid: str, ordinal: int, endpoint: str, body: dict[str, Any]) -> None:
         row = {"key": key, "nodeid": nodeid, "ordinal": ordinal, "endpoint": endpoint, "body": body}
+        with contextlib.suppress(Exception):  # a body it cannot count: the fetch says why
+            row["prompt_tokens"] = request_prompt_tokens(body)
         line = json.dumps(row, sort_keys=True)
         with path.open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
@@ -199,9 +205,15 @@ class SpoolReader:
                         row.get("ordinal", 0),
                         row["endpoint"],
                         row["body"],
+                        _count(row.get("prompt_tokens")),
                     )
                 )
         return out
+
+
+def _count(value: object) -> int | None:
+    """A spool line's token count: a count, or None (then the fetch counts)."""
+    return value if type(value) is int and value >= 0 else None
 
 
 def _cache_dir(config: pytest.Config) -> Path | None:

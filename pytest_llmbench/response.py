@@ -164,6 +164,16 @@ class ClientStats:
             for name, value in deltas.items():
                 setattr(stats, name, getattr(stats, name) + value)
 
+    def answered(self, model: str, retries: int, usage: Usage) -> None:
+        """``add(model, requests=1, calls=1, retries=retries, usage=usage)``, as each
+        answer counts itself (without the keyword loop)."""
+        with self._lock:
+            stats = self.by_model.get(model) or self.by_model.setdefault(model, ModelStats())
+            stats.requests += 1
+            stats.calls += 1
+            stats.retries += retries
+            stats.usage = stats.usage + usage
+
     def total(self) -> ModelStats:
         with self._lock:
             out = ModelStats()
@@ -191,7 +201,8 @@ def estimate_tokens(
 class Answer:
     """A raw answer as it arrived: the JSON body, the response headers, and what it took.
     ``text`` is the body as the server sent it, when known (the store keeps it as it is
-    instead of encoding ``body`` again); it must parse to ``body``."""
+    instead of encoding ``body`` again); it must parse to ``body``. ``request_text`` is
+    likewise the request's JSON as sent, when known; it must parse to the request body."""
 
     body: dict[str, Any]
     headers: dict[str, str]
@@ -199,6 +210,7 @@ class Answer:
     attempts: int
     rate_limited: int = 0
     text: str | None = field(default=None, repr=False, compare=False)
+    request_text: str | None = field(default=None, repr=False, compare=False)
 
 
 __all__ = ["Answer", "ClientStats", "ModelStats", "Response", "Usage", "estimate_tokens"]

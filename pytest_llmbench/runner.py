@@ -65,8 +65,10 @@ class Runner(Generic[T]):
         scope: Callable[[T], AbstractContextManager[None]] | None,
         stop: threading.Event | None = None,
         gate: Concurrency | None = None,
+        prompt: Callable[[T], int | None] | None = None,
     ) -> None:
         self.shared, self.stats = shared, stats
+        self.prompt = prompt
         self.stop = stop or threading.Event()
         config = shared.config
         self.body, self.on_answer, self.on_error, self.scope = body, on_answer, on_error, scope
@@ -137,7 +139,12 @@ class Runner(Generic[T]):
                 return None
             with scope:
                 answer = await shared.asend(
-                    self.body(item), stats, aclient, lambda a: self.on_answer(item, a), held
+                    self.body(item),
+                    stats,
+                    aclient,
+                    lambda a: self.on_answer(item, a),
+                    held,
+                    prompt=None if self.prompt is None else self.prompt(item),
                 )
         except RunStopped:
             return None  # not sent: the run stops

@@ -133,6 +133,23 @@ def _scrub_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return {name: str(value) for name, value in (headers or {}).items() if _kept(name)}
 
 
+def _headers_text(headers: Mapping[str, str] | None) -> str:
+    """The stored JSON of ``_scrub_headers(headers)``; a plain dict of text whose names
+    are all kept (an answer's, each time the same few names) is encoded as it is."""
+    if type(headers) is dict and _all_kept(tuple(headers)) and _texts(headers.values()):
+        return _dumps(headers)
+    return _dumps(_scrub_headers(headers))
+
+
+def _texts(values: Iterable[object]) -> bool:
+    return set(map(type, values)) <= {str}
+
+
+@functools.lru_cache(maxsize=256)
+def _all_kept(names: tuple[str, ...]) -> bool:
+    return all(map(_kept, names))
+
+
 @functools.lru_cache(maxsize=1024)  # a server sends the same few header names each time
 def _kept(name: str) -> bool:
     secret = ("authorization", "api-key", "api_key", "cookie")  # cookie: also set-cookie
@@ -196,16 +213,22 @@ class ResponseStore:
         closed = " closed" if self._closed else ""
         return f"<ResponseStore {str(self.path)!r} origin={self.origin!r}{closed}>"
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, full: bool = True) -> sqlite3.Connection:
+        """This thread's connection; its writes commit with ``synchronous=FULL`` (fsynced:
+        durable when they return), or with ``full=False`` with ``NORMAL`` (atomic, safe
+        from a crash of the process; made durable by :meth:`sync`)."""
         if self._closed:
             raise StoreError(f"{self.path}: the response store is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
-        conn = self._connect()
-        self._local.conn, self._local.pid = conn, os.getpid()
-        with self._lock:
-            self._connections.append((os.getpid(), conn))
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._connect()  # synchronous=FULL
+            local.conn, local.pid, local.full = conn, os.getpid(), True
+            with self._lock:
+                self._connections.append((os.getpid(), conn))
+        if local.full is not full:  # changed only when a write needs the other mode
+            conn.execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
+            local.full = full
         return conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -355,19 +378,22 @@ class ResponseStore:
         attempts: int,
         rate_limited: int,
         response_text: str | None = None,
+        request_text: str | None = None,
     ) -> tuple[object, ...]:
         if source not in SOURCES:
             raise ValueError(f"source must be one of {sorted(SOURCES)}, got {source!r}")
         try:
-            # the answer's own text when it came with one (it parses to ``response``):
-            # one JSON encoding fewer per answer in a fetch
+            # the texts as they went over the wire when known (they parse to ``request``
+            # and ``response``): two JSON encodings fewer per answer in a fetch
             if response_text is None:
                 response_text = _dumps(dict(response))
-            texts = _dumps(dict(request)), response_text
+            if request_text is None:
+                request_text = _dumps(dict(request))
+            texts = request_text, response_text
         except (TypeError, ValueError) as exc:
             raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from None
         row: tuple[object, ...] = (key, self.origin, nodeid, ordinal, endpoint, *texts)
-        row += (_dumps(_scrub_headers(headers)), float(latency_s), source, batch_id, time.time())
+        row += (_headers_text(headers), float(latency_s), source, batch_id, time.time())
         return (*row, int(attempts), int(rate_limited))
 
     def save_many(
@@ -386,19 +412,13 @@ class ResponseStore:
             self._row(
                 r.key, r.nodeid, r.ordinal, r.endpoint, r.body, a.body, a.headers, a.latency,
                 source, None, a.attempts, a.rate_limited, getattr(a, "text", None),
+                getattr(a, "request_text", None),
             )
             for r, a in answers
         ]  # fmt: skip
         try:
-            conn = self._conn()
-            if not durable:
-                conn.execute("PRAGMA synchronous=NORMAL")  # this thread's connection only
-            try:
-                with _immediate(conn):
-                    conn.executemany(_INSERT[replace], rows)
-            finally:
-                if not durable:
-                    conn.execute("PRAGMA synchronous=FULL")
+            with _immediate(self._conn(full=durable)) as conn:  # this thread's mode only
+                conn.executemany(_INSERT[replace], rows)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot store {len(rows)} answer(s): {exc}") from exc
 

@@ -168,9 +168,16 @@ class Shared:
             raise exc
         return wait
 
-    def _call(self, body: dict[str, Any], stats: ClientStats, on_answer: OnAnswer | None) -> Call:
+    def _call(
+        self,
+        body: dict[str, Any],
+        stats: ClientStats,
+        on_answer: OnAnswer | None,
+        prompt: int | None = None,
+    ) -> Call:
         model = str(body["model"])
-        prompt = request_prompt_tokens(body)  # counted once: the budget's and the cap's
+        if prompt is None:  # counted once: the budget's and the cap's
+            prompt = request_prompt_tokens(body)
         return Call(
             self,
             model,
@@ -227,10 +234,13 @@ class Shared:
         client: Sender | None = None,
         on_answer: OnAnswer | None = None,
         hooks: Attempts | None = None,
+        *,
+        prompt: int | None = None,
     ) -> Answer:
         """The async twin of :meth:`send`; the attempt logic lives in :class:`Call`.
-        ``hooks`` (a concurrent run's) hear of each attempt: see :class:`Attempts`."""
-        call = self._call(body, stats, on_answer)
+        ``hooks`` (a concurrent run's) hear of each attempt: see :class:`Attempts`.
+        ``prompt``: the prompt's tokens when already counted (the plan counts them)."""
+        call = self._call(body, stats, on_answer, prompt)
         if call.cap is not None:
             # may stop the run (RunStopped): then it is not sent
             call.cost = await call.cap.areserve(body, call.prompt)
@@ -371,7 +381,8 @@ class Call:
             raise LLMCallError(
                 f"the API answered 200 with a malformed body ({exc})", status=200, retryable=True
             ) from None
-        answer = Answer(body, headers, latency, self.attempts, self.limited, raw_http.text)
+        sent = getattr(raw_http, "request_text", None)  # WireAnswer's; httpx2's has none
+        answer = Answer(body, headers, latency, self.attempts, self.limited, raw_http.text, sent)
         if self.on_answer is not None:
             # saved before any bookkeeping: the window in which a crash loses a paid-for
             # answer is only the store's own fsync
@@ -387,7 +398,7 @@ class Call:
             self.cost = 0.0
         snapshot = RateLimitSnapshot.from_headers(headers, self.ticket, lowered=True)
         settle(self.budget, snapshot, self.est, usage.total_tokens, later=self.later)
-        self.stats.add(self.model, requests=1, calls=1, retries=self.attempts - 1, usage=usage)
+        self.stats.answered(self.model, self.attempts - 1, usage)
         return answer
 
     def release(self) -> None:

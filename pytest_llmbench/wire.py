@@ -84,12 +84,14 @@ class Sender(Protocol):
 
 
 class WireAnswer:
-    """A 2xx answer read off aiohttp: its headers (case-insensitive) and text."""
+    """A 2xx answer read off aiohttp: its headers (case-insensitive) and text, and the
+    JSON text of the request it answers (the store keeps it instead of encoding the
+    request again)."""
 
-    __slots__ = ("headers", "text")
+    __slots__ = ("headers", "request_text", "text")
 
-    def __init__(self, headers: Any, text: str) -> None:
-        self.headers, self.text = headers, text
+    def __init__(self, headers: Any, text: str, request_text: str | None = None) -> None:
+        self.headers, self.text, self.request_text = headers, text, request_text
 
 
 class SdkSender:
@@ -162,7 +164,7 @@ class AioSender:
             raise sdk_error("connection", self.url, detail=exc) from None
         text = raw.decode("utf-8", "replace")
         if 200 <= status < 300:
-            return WireAnswer(headers, text)
+            return WireAnswer(headers, text, data.decode())
         await self._import_sdk()
         raise status_error(self.url, status, headers, text)
 

@@ -175,6 +175,33 @@ def test_batch_generate_runs_concurrently(sim: Simulator, tmp_path: Path) -> Non
     assert sim.stats()["peak_in_flight"] >= 4
 
 
+def test_a_prompt_count_handed_to_arun_is_the_one_the_budget_reserves(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # the plan counts each prompt and the fetch hands the count over: at 1,000 tokens per
+    # minute a count of 5,000 can never fit, the prompt's own few tokens (counted here) do
+    bodies = [
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hi {i}"}]}
+        for i in range(2)
+    ]
+    answered: list[int] = []
+    failed: list[tuple[int, str]] = []
+    with make_client(sim, tmp_path, tpm=1000, max_tokens=10) as c:
+        asyncio.run(
+            c.arun(
+                [0, 1],
+                lambda i: bodies[i],
+                lambda i, _answer: answered.append(i),
+                lambda i, exc: failed.append((i, str(exc))),
+                prompt_tokens=lambda i: 5000 if i == 0 else None,
+            )
+        )
+    assert answered == [1]
+    assert [i for i, _ in failed] == [0]
+    assert "5010 tokens can never fit" in failed[0][1]
+    assert sim.stats()["chat_requests"] == 1
+
+
 def test_async_twin(client: LLMClient, sim: Simulator) -> None:
     # The simulator answers a body deterministically at temperature 0, so the async calls
     # must return exactly what the sync calls returned for the same prompts, in order.

@@ -359,6 +359,25 @@ def test_key_never_leaks(
             assert secret.encode() not in path.read_bytes(), path
 
 
+def test_the_plan_hands_each_prompts_token_count_to_the_fetch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_llmbench.plan import SPOOL_ENV, plan_recorder, read_spool
+    from pytest_llmbench.tokens import request_prompt_tokens
+
+    spool = tmp_path / "plan.jsonl"
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "2 + 2?"}]}
+    monkeypatch.setenv(SPOOL_ENV, str(spool))  # as the controller sets it for the plan
+    plan_recorder(None)("k1", "t.py::a", 0, "/v1/chat/completions", body)  # type: ignore[arg-type]
+    row = {"key": "k2", "nodeid": "t.py::b", "endpoint": "/v1/chat/completions", "body": body}
+    with spool.open("a") as fh:  # a spool of an older plan, or a count that is not one
+        fh.write(json.dumps(row) + "\n" + json.dumps({**row, "key": "k3", "prompt_tokens": -1}))
+        fh.write("\n")
+    counted, unknown, bad = read_spool(spool)
+    assert counted.prompt_tokens == request_prompt_tokens(body) > 0
+    assert unknown.prompt_tokens is None and bad.prompt_tokens is None  # the fetch counts
+
+
 # ---------------------------------------------------------------------- prefetch engine
 def test_prefetch_sends_each_planned_request_once(
     pytester: pytest.Pytester, server: Simulator

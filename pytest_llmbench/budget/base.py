@@ -112,6 +112,24 @@ class Ticket:
     tokens: float
 
 
+# the rate-limit headers (lower-case), per requests, tokens, and a project's tokens
+_LIMIT_R, _LIMIT_T, _LIMIT_PT = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-limit-project-tokens",
+)
+_REMAINING_R, _REMAINING_T, _REMAINING_PT = (
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-remaining-project-tokens",
+)
+_RESET_R, _RESET_T, _RESET_PT = (
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+    "x-ratelimit-reset-project-tokens",
+)
+
+
 @dataclass(frozen=True)
 class RateLimitSnapshot:
     """What one response's ``x-ratelimit-*`` headers said; a field is None when absent.
@@ -137,23 +155,20 @@ class RateLimitSnapshot:
         When a project token limit is reported too, the more restrictive one wins.
         """
         h = headers if lowered else {str(k).lower(): str(v) for k, v in headers.items()}
-        p = "x-ratelimit-"
-
-        def tokens(kind: str, parse: Callable[[str | None], float | None]) -> float | None:
-            account = parse(h.get(f"{p}{kind}-tokens"))
-            project = parse(h.get(f"{p}{kind}-project-tokens"))
-            if kind == "reset":  # the more restrictive reset is the later one
-                return account if project is None else max(project, account or 0.0)
-            return _least(account, project)
-
-        limit_t, remaining_t = tokens("limit", _count), tokens("remaining", _count)
+        get = h.get
+        limit_t = _least(_count(get(_LIMIT_T)), _count(get(_LIMIT_PT)))
+        remaining_t = _least(_count(get(_REMAINING_T)), _count(get(_REMAINING_PT)))
+        reset_t = parse_duration(get(_RESET_T))
+        reset_pt = parse_duration(get(_RESET_PT))
+        if reset_pt is not None:  # the more restrictive reset is the later one
+            reset_t = max(reset_pt, reset_t or 0.0)
         return cls(
-            limit_requests=_count(h.get(f"{p}limit-requests")),
-            remaining_requests=_count(h.get(f"{p}remaining-requests")),
-            reset_requests_s=parse_duration(h.get(f"{p}reset-requests")),
+            limit_requests=_count(get(_LIMIT_R)),
+            remaining_requests=_count(get(_REMAINING_R)),
+            reset_requests_s=parse_duration(get(_RESET_R)),
             limit_tokens=None if limit_t is None else int(limit_t),
             remaining_tokens=None if remaining_t is None else int(remaining_t),
-            reset_tokens_s=tokens("reset", parse_duration),
+            reset_tokens_s=reset_t,
             ticket=ticket,
         )
 
