@@ -498,6 +498,57 @@ def test_a_store_that_cannot_sync_keeps_what_it_wrote_and_reports_the_error(
     store.close()
 
 
+def test_a_fetchs_fsync_waits_in_a_thread_and_its_failure_is_reported_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from pytest_llmbench import saver as saver_module
+    from pytest_llmbench.response import Answer
+
+    monkeypatch.setattr(saver_module, "SYNC_EVERY_S", 0.0)  # every write's fsync is due
+
+    class ThreadedStore(CountingStore):
+        threads: list[int] = []
+
+        def sync(self) -> None:
+            self.threads.append(threading.get_ident())
+            super().sync()
+
+    store = ThreadedStore.open(tmp_path / ".llmbench")
+    assert isinstance(store, ThreadedStore)
+    store.broken = True
+    errors: list[tuple[int, int]] = []  # (answers in the batch, the thread it was told on)
+    handed: list[int] = []
+    saver = saver_module.GroupSaver(
+        store,
+        source="prefetch",
+        replace=False,
+        saved=lambda batch: handed.append(len(batch)),
+        unsaved=lambda batch, exc: errors.append((len(batch), threading.get_ident())),
+    )
+    loop_thread = threading.get_ident()
+
+    async def turns() -> None:
+        saver.add(planned(0), Answer(ANSWER, {}, 0.1, 1))
+        await asyncio.sleep(0)  # committed, handed on; its fsync went to the thread
+        assert handed == [1] and store.syncs <= 1
+        syncing = saver._syncing
+        assert syncing is not None
+        await asyncio.wait([asyncio.wrap_future(syncing)])  # the loop goes on meanwhile
+        assert errors == []  # told at the next write, on the loop
+        saver.add(planned(1), Answer(ANSWER, {}, 0.1, 1))
+        await asyncio.sleep(0)
+        assert handed == [1, 1] and errors == [(0, loop_thread)]
+
+    asyncio.run(turns())
+    saver.flush()  # waits for the second fsync (also failed): told too
+    assert errors == [(0, loop_thread), (0, loop_thread)]
+    assert store.syncs == 2 and loop_thread not in store.threads
+    assert len(store) == 2  # stored all the same
+    store.close()
+
+
 def test_sync_without_a_write_ahead_log_is_a_no_op(tmp_path: Path) -> None:
     with ResponseStore.open(tmp_path / ".llmbench") as store:
         put(store, "k" * 64)
