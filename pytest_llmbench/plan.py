@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,7 +33,7 @@ import pytest
 from .progress import note
 from .runtime import PHASE_ENV
 from .store import PlannedRequest as PlannedRequest  # the planned requests are store records
-from .tokens import request_prompt_tokens
+from .tokens import request_prompt_tokens, warm
 
 if TYPE_CHECKING:
     from .runtime import RunState
@@ -52,18 +53,42 @@ Recorder = Callable[[str, str, int, str, dict[str, Any]], None]
 def plan_recorder(config: pytest.Config) -> Recorder:
     """The ``record`` callback of the plan phase: one JSON line per unanswered request,
     with its prompt's token count (counted here, in parallel with the fetch, which then
-    need not count it for the budget)."""
+    need not count it for the budget). Loading the encoding takes 0.2 s: it loads in a
+    thread from the first request on, and the requests recorded meanwhile go without a
+    count (the fetch counts those), so the first line is not held up."""
     path = Path(os.environ[SPOOL_ENV])
 
     def record(key: str, nodeid: str, ordinal: int, endpoint: str, body: dict[str, Any]) -> None:
         row = {"key": key, "nodeid": nodeid, "ordinal": ordinal, "endpoint": endpoint, "body": body}
-        with contextlib.suppress(Exception):  # a body it cannot count: the fetch says why
-            row["prompt_tokens"] = request_prompt_tokens(body)
+        if _tokens_loaded(body.get("model")):
+            with contextlib.suppress(Exception):  # a body it cannot count: the fetch says why
+                row["prompt_tokens"] = request_prompt_tokens(body)
         line = json.dumps(row, sort_keys=True)
         with path.open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
 
     return record
+
+
+_LOADING: list[threading.Event] = []  # the process's one load of the encoding, once started
+
+
+def _tokens_loaded(model: object) -> bool:
+    """Whether ``model``'s encoding is loaded (the first call starts loading it in a
+    daemon thread, once for the process: a recorder is made for each test)."""
+    if not _LOADING:
+        done = threading.Event()
+
+        def load() -> None:
+            try:
+                warm(model if isinstance(model, str) else None)
+            finally:
+                done.set()
+
+        _LOADING.append(done)
+        threading.Thread(target=load, name="llmbench-plan-tokens", daemon=True).start()
+        return False
+    return _LOADING[0].is_set()
 
 
 def plan_filter(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:

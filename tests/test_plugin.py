@@ -362,20 +362,34 @@ def test_key_never_leaks(
 def test_the_plan_hands_each_prompts_token_count_to_the_fetch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import threading
+
+    from pytest_llmbench import plan
     from pytest_llmbench.plan import SPOOL_ENV, plan_recorder, read_spool
     from pytest_llmbench.tokens import request_prompt_tokens
 
     spool = tmp_path / "plan.jsonl"
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "2 + 2?"}]}
     monkeypatch.setenv(SPOOL_ENV, str(spool))  # as the controller sets it for the plan
-    plan_recorder(None)("k1", "t.py::a", 0, "/v1/chat/completions", body)  # type: ignore[arg-type]
-    row = {"key": "k2", "nodeid": "t.py::b", "endpoint": "/v1/chat/completions", "body": body}
+    monkeypatch.setattr(plan, "_LOADING", [])  # a fresh plan process
+    # a recorder for each test, as the plugin makes them: the first request goes at once
+    # while the encoding loads, once for the process however many recorders ask
+    for i in range(3):
+        plan_recorder(None)(f"k1-{i}", f"t.py::a{i}", 0, "/v1/chat/completions", body)  # type: ignore[arg-type]
+    loaders = [t for t in threading.enumerate() if t.name == "llmbench-plan-tokens"]
+    assert len(plan._LOADING) == 1 and len(loaders) <= 1
+    for thread in loaders:
+        thread.join(30)
+    plan_recorder(None)("k2", "t.py::b", 0, "/v1/chat/completions", body)  # type: ignore[arg-type]
+    row = {"key": "k3", "nodeid": "t.py::c", "endpoint": "/v1/chat/completions", "body": body}
     with spool.open("a") as fh:  # a spool of an older plan, or a count that is not one
-        fh.write(json.dumps(row) + "\n" + json.dumps({**row, "key": "k3", "prompt_tokens": -1}))
+        fh.write(json.dumps(row) + "\n" + json.dumps({**row, "key": "k4", "prompt_tokens": -1}))
         fh.write("\n")
-    counted, unknown, bad = read_spool(spool)
+    first, _, _, counted, unknown, bad = read_spool(spool)
     assert counted.prompt_tokens == request_prompt_tokens(body) > 0
-    assert unknown.prompt_tokens is None and bad.prompt_tokens is None  # the fetch counts
+    # the fetch counts the rest itself
+    assert first.prompt_tokens is None
+    assert unknown.prompt_tokens is None and bad.prompt_tokens is None
 
 
 # ---------------------------------------------------------------------- prefetch engine

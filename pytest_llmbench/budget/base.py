@@ -255,9 +255,12 @@ IDLE_REARM_S = 60.0
 
 def limits_in_force(state: BudgetState, limits: Limits) -> tuple[float | None, float | None]:
     """(requests, tokens) per minute now: the configured limit, lowered by the server's."""
+    # _least, inlined: this runs several times for each request of a fetch
+    rpm, server_rpm = limits.rpm, state.requests_server_limit
+    tpm, server_tpm = limits.tpm, state.tokens_server_limit
     return (
-        _least(limits.rpm, state.requests_server_limit),
-        _least(limits.tpm, state.tokens_server_limit),
+        server_rpm if rpm is None else rpm if server_rpm is None else min(rpm, server_rpm),
+        server_tpm if tpm is None else tpm if server_tpm is None else min(tpm, server_tpm),
     )
 
 
