@@ -164,16 +164,6 @@ class ClientStats:
             for name, value in deltas.items():
                 setattr(stats, name, getattr(stats, name) + value)
 
-    def answered(self, model: str, retries: int, usage: Usage) -> None:
-        """``add(model, requests=1, calls=1, retries=retries, usage=usage)``, as each
-        answer counts itself (without the keyword loop)."""
-        with self._lock:
-            stats = self.by_model.get(model) or self.by_model.setdefault(model, ModelStats())
-            stats.requests += 1
-            stats.calls += 1
-            stats.retries += retries
-            stats.usage = stats.usage + usage
-
     def total(self) -> ModelStats:
         with self._lock:
             out = ModelStats()

@@ -119,7 +119,7 @@ class Runner(Generic[T]):
                 self.first_sent = True  # this one goes alone
             # a slot is held from before the budget's wait: a wait there shows the gate
             # that the budget, not the number in flight, paces the run
-            held = Held(self, await self.gate.acquire())
+            held = Held(self.gate, self.stop, await self.gate.acquire())
             latency: float | None = None
             try:
                 latency = await self.send(aclient, item, held)
@@ -166,8 +166,8 @@ class Held:
     again, first come first served, instead of all trying again together after the
     server's ``retry-after``, each time a herd of which one or two get through."""
 
-    def __init__(self, runner: Runner[Any], slot: Slot) -> None:
-        self.runner, self.gate = runner, runner.gate
+    def __init__(self, gate: Concurrency, stop: threading.Event, slot: Slot) -> None:
+        self.gate, self.stop = gate, stop
         self.slot: Slot | None = slot
 
     async def again(self) -> None:
@@ -179,7 +179,7 @@ class Held:
 
     def ready(self) -> None:
         """Called once the budget lets a request go: a stop meanwhile keeps it unsent."""
-        if self.runner.stop.is_set():
+        if self.stop.is_set():
             raise RunStopped("the run is stopping")
         if self.slot is not None:
             self.gate.sent(self.slot)

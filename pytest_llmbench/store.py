@@ -133,23 +133,6 @@ def _scrub_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return {name: str(value) for name, value in (headers or {}).items() if _kept(name)}
 
 
-def _headers_text(headers: Mapping[str, str] | None) -> str:
-    """The stored JSON of ``_scrub_headers(headers)``; a plain dict of text whose names
-    are all kept (an answer's, each time the same few names) is encoded as it is."""
-    if type(headers) is dict and _all_kept(tuple(headers)) and _texts(headers.values()):
-        return _dumps(headers)
-    return _dumps(_scrub_headers(headers))
-
-
-def _texts(values: Iterable[object]) -> bool:
-    return set(map(type, values)) <= {str}
-
-
-@functools.lru_cache(maxsize=256)
-def _all_kept(names: tuple[str, ...]) -> bool:
-    return all(map(_kept, names))
-
-
 @functools.lru_cache(maxsize=1024)  # a server sends the same few header names each time
 def _kept(name: str) -> bool:
     secret = ("authorization", "api-key", "api_key", "cookie")  # cookie: also set-cookie
@@ -393,7 +376,7 @@ class ResponseStore:
         except (TypeError, ValueError) as exc:
             raise StoreError(f"{self.path}: cannot store {key[:16]}: {exc}") from None
         row: tuple[object, ...] = (key, self.origin, nodeid, ordinal, endpoint, *texts)
-        row += (_headers_text(headers), float(latency_s), source, batch_id, time.time())
+        row += (_dumps(_scrub_headers(headers)), float(latency_s), source, batch_id, time.time())
         return (*row, int(attempts), int(rate_limited))
 
     def save_many(

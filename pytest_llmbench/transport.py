@@ -398,7 +398,7 @@ class Call:
             self.cost = 0.0
         snapshot = RateLimitSnapshot.from_headers(headers, self.ticket, lowered=True)
         settle(self.budget, snapshot, self.est, usage.total_tokens, later=self.later)
-        self.stats.answered(self.model, self.attempts - 1, usage)
+        self.stats.add(self.model, requests=1, calls=1, retries=self.attempts - 1, usage=usage)
         return answer
 
     def release(self) -> None:
