@@ -246,6 +246,62 @@ def test_without_gates_pytest_rule_stands(pytester: pytest.Pytester, server: Sim
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
 
+PLAIN_FAILURES = """
+import pytest
+
+@pytest.fixture
+def noisy(request):
+    yield request.param
+    if request.param % 20 == 0:
+        print(f"teardown of {request.param}")
+
+@pytest.mark.parametrize("noisy", range(70), indirect=True)
+def test_plain(noisy):
+    print("in the test")
+    assert noisy < 0
+"""
+
+
+def failures_section(result: pytest.RunResult) -> str:
+    out = result.stdout.str()
+    section = out.split("= FAILURES =", 1)[1].split("short test summary info", 1)[0]
+    return "\n".join(line for line in section.splitlines() if not line.startswith("scanned:"))
+
+
+def test_many_failures_print_as_pytest_prints_them(pytester: pytest.Pytester) -> None:
+    # Given 70 failing tests, some with teardown output: more than MANY, so the
+    # plugin shortens the list pytest scans for each failure's teardown output
+    pytester.makepyfile(test_plain=PLAIN_FAILURES)
+    pytester.makeini("[pytest]\n")
+    # (a plain hook runs while the summary sections print: what pytest scans then)
+    pytester.makeconftest(
+        "def pytest_terminal_summary(terminalreporter):\n"
+        "    print('scanned:', len(terminalreporter.stats.get('', [])))\n"
+    )
+    # When they run with the plugin and without it
+    ours = pytester.runpytest_subprocess("-p", "no:randomly", "-n", "0", "-rA")
+    theirs = pytester.runpytest_subprocess(
+        "-p", "no:randomly", "-n", "0", "-rA", "-p", "no:llmbench"
+    )
+    # Then the FAILURES section is the same, teardown output included, and so are the
+    # PASSES and short summary sections (-rA) and the counts
+    ours.assert_outcomes(failed=70)
+    theirs.assert_outcomes(failed=70)
+    section = failures_section(ours)
+    assert section == failures_section(theirs)
+    assert section.count("Captured stdout teardown") == 4, section[:3000]
+    # the 4 teardowns with output, not the 140 setups and teardowns
+    ours.stdout.fnmatch_lines(["scanned: 4"])
+    theirs.stdout.fnmatch_lines(["scanned: 140"])
+    assert "teardown of 40" in section
+
+    def tail(result: pytest.RunResult) -> list[str]:
+        lines = result.stdout.str().split("short test summary info", 1)[1].splitlines()
+        return [line for line in lines[:-1] if not line.startswith("scanned:")]
+
+    assert tail(ours) == tail(theirs)
+
+
 def test_api_error_is_a_short_error_not_a_traceback(
     pytester: pytest.Pytester, server: Simulator
 ) -> None:
