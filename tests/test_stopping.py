@@ -199,7 +199,13 @@ def test_an_interrupt_keeps_what_is_in_flight(
     assert first["undelivered"] == 0  # nothing answered was dropped on the floor
     lines = [line for line in out.splitlines() if "interrupted:" in line]
     assert lines and "answers stored; run the same command to resume" in lines[0], out
-    assert "Traceback" not in out and "asyncio" not in out
+    assert "asyncio" not in out, out
+    # no traceback, but for a worker the group's SIGINT caught still importing execnet
+    # (xdist's bootstrap, before any plugin loads: seen on a slow machine in CI)
+    for block in out.split("Traceback (most recent call last):")[1:]:
+        frames = block.split("KeyboardInterrupt", 1)[0]
+        assert signame.endswith("group") and "execnet" in frames, out
+        assert "pytest_llmbench" not in frames and "_pytest" not in frames, out
     # the rerun pays for nothing twice
     rerun = start_run(pytester.path, "-n", workers, "--llm-rpm", "6000")
     rerun.communicate(timeout=120)
