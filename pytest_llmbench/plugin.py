@@ -81,7 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
         controller.start()
         config.stash[CONTROLLER] = controller
         config.pluginmanager.register(controller, f"{name}-controller")
-        from .failure_lines import LinearFailures
+        from .linear_failures import LinearFailures
 
         config.pluginmanager.register(LinearFailures(), f"{name}-linear-failures")
         if config.pluginmanager.hasplugin("xdist"):

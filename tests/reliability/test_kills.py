@@ -55,6 +55,13 @@ from .harness import (
 N = 80  # cases per stage
 #: the real-time stages: paced, so that each stage lasts long enough to be hit
 REALTIME_ARGS = ("-n", "2", "-v", "--llm-rpm", "2400", "--llm-burst-seconds", "0.25")
+#: the fetch stage is paced slower: what the fetch sends while the plan subprocess still
+#: runs (up to 1.5 s on a busy machine) is gone before the stage is reached, and the third
+#: run must still find a fetch under way once its planning is complete (at 2,400 RPM and a
+#: third stored before each kill, the first two runs once left it 9 requests, all answered
+#: before its plan subprocess had exited; at 1,200 RPM and a kill at the first answer
+#: stored after planning, they left it 55 and 57 beside two CPU hogs)
+FETCH_ARGS = ("-n", "2", "-v", "--llm-rpm", "1200", "--llm-burst-seconds", "0.25")
 BATCH_ARGS = ("-n", "2", "-v", "--batch-api", "--llm-batch-poll", "0.05")
 #: the polling stage: one job that stays open long enough for three runs to start and
 #: poll it (about 18 s: a run takes 3 to 6 s to reach its first poll on a busy machine)
@@ -113,13 +120,13 @@ def at_plan(w: Watch) -> int | None:
 
 
 def at_fetch(w: Watch) -> bool:
-    """Planning is complete and the fetch has stored a third of the answers, not all."""
+    """Planning is complete and the fetch has stored some of the answers, not all."""
     lines = w.journal()
     if lines is None or "C" not in lines or any(line.startswith("E ") for line in lines):
         return False
     planned = sum(line.startswith("P ") for line in lines)
     settled = sum(line.startswith("S ") for line in lines)
-    return max(1, planned // 3) <= settled < planned
+    return 1 <= settled < planned
 
 
 def at_replay(w: Watch) -> bool:
@@ -153,6 +160,10 @@ class Stage:
     batch: bool = False
     sim: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    args: tuple[str, ...] = ()  # the command's options (default: by kind, real-time or batch)
+
+    def command(self) -> list[str]:
+        return list(self.args or (BATCH_ARGS if self.batch else REALTIME_ARGS))
 
 
 #: the Batch API stage runs before xdist starts its workers: the controller is all there is
@@ -160,7 +171,7 @@ NO_WORKER = "controller; no worker runs during the batch stage"
 
 STAGES = {
     "plan": Stage("plan", at_plan, "the plan subprocess"),
-    "fetch": Stage("fetch", at_fetch, "an xdist worker"),
+    "fetch": Stage("fetch", at_fetch, "an xdist worker", args=FETCH_ARGS),
     "replay": Stage("replay", at_replay, "an xdist worker"),
     "batch upload": Stage(
         "batch upload",
@@ -276,7 +287,7 @@ def test_kills(name: str, tmp_path: Path, survives: Callable[..., Any]) -> None:
         project = Project(tmp_path / "project", sim, env_extra=dict(stage.env))
         project.dataset("data.jsonl", items)
         project.suite("test_kills", ONE_CALL if stage.batch else TWO_CALLS, "data.jsonl")
-        args = list(BATCH_ARGS if stage.batch else REALTIME_ARGS)
+        args = stage.command()
         paid = PaidTwice(project)
         tally = Tally(stage, N if stage.batch else 2 * N)
 
