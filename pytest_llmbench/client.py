@@ -17,20 +17,19 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .concurrency import Concurrency
 from .config import LLMConfig
-from .errors import ConfigError, LLMCallError, LLMPending, RunStopped
+from .errors import MISSING_KEY, ConfigError, LLMCallError, LLMPending, RunStopped
 from .reasoning import is_reasoning_model
 from .response import Answer, ClientStats, ModelStats, Response, Usage, estimate_tokens
-from .runner import Runner
 from .store import GAVE_UP, PlannedRequest
-from .transport import MISSING_KEY, OnAnswer, Shared
 
 if TYPE_CHECKING:
     import openai
 
     from .budget import Budget
+    from .concurrency import Concurrency
     from .store import ResponseStore
+    from .transport import OnAnswer, Shared
 
 T = TypeVar("T")
 ENDPOINT = "/v1/chat/completions"
@@ -88,6 +87,30 @@ def register_batch_backend(backend: BatchBackend) -> None:
     _BACKENDS["batch"] = backend
 
 
+class _Link:
+    """The transport every view of one client shares (``transport.Shared``: SDK
+    clients, budgets, retry policy), made when first needed: a process that only plans
+    or replays stored answers never loads the send path (the budget's file lock,
+    tenacity, the wire), which cost each pytest process about 0.1 s of its start."""
+
+    def __init__(self, config: LLMConfig, budget: Budget | None) -> None:
+        self.config = config
+        self.budget = budget
+        self.made: Shared | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Shared:
+        made = self.made
+        if made is None:
+            with self._lock:
+                if self.made is None:
+                    from .transport import Shared
+
+                    self.made = Shared(self.config, self.budget)
+                made = self.made
+        return made
+
+
 def to_messages(prompt: PromptLike) -> list[dict[str, Any]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
@@ -117,7 +140,7 @@ class LLMClient:
         self.stats = stats or ClientStats()
         self._ordinals: dict[str, int] = {}
         self._gave_up: dict[str, tuple[int, int]] = {}  # key -> the prefetch's (attempts, 429s)
-        self.shared: Shared = Shared(self.config, budget)
+        self._link = _Link(self.config, budget)
 
     def __repr__(self) -> str:
         where = self.config.base_url or "https://api.openai.com/v1"
@@ -133,11 +156,17 @@ class LLMClient:
         view.stats = self.stats
         view._ordinals = {}
         view._gave_up = {}
-        view.shared = self.shared
+        view._link = self._link
         return view
 
+    @property
+    def shared(self) -> Shared:
+        """What every view of this client shares (made at its first use)."""
+        return self._link.get()
+
     def close(self) -> None:
-        self.shared.close()
+        if self._link.made is not None:
+            self._link.made.close()
 
     def __enter__(self) -> LLMClient:
         return self
@@ -391,6 +420,8 @@ class LLMClient:
         ``prompt_tokens(item)``, when given, is the prompt's token count if already known
         (the plan counts it), None to count it here.
         """
+        from .runner import Runner
+
         runner = Runner(
             self.shared, self.stats, body, on_answer, on_error, scope, stop, gate, prompt_tokens
         )

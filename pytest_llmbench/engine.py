@@ -152,7 +152,9 @@ class Fetch:
         rpm = state.llm_config.rpm
         self.progress = Progress(config, "llmbench prefetch", total=0, rpm=rpm, live=live_line)
         self.client: LLMClient = LLMClient(state.llm_config)
-        self.client.shared.cost_cap = state.cost_cap(on_stop=self.cap_reached)
+        cap = state.cost_cap(on_stop=self.cap_reached)
+        if cap is not None:  # else the transport is made at the first send, not here,
+            self.client.shared.cost_cap = cap  # before the plan subprocess is started
         cfg = state.llm_config
         self.gate = Concurrency(cfg.max_concurrency, adaptive=not cfg.fixed_concurrency)
         self.stopping = threading.Event()  # no new request starts

@@ -10,6 +10,9 @@ from __future__ import annotations
 #: The exit status of a run stopped because the API refused a request for a reason every
 #: other request shares (key, permission, quota, model, parameter): see the README.
 FATAL_EXIT_STATUS = 6
+#: A request was about to be sent without a key (the library's message; the plugin's is
+#: ``runtime.MISSING_KEY``).
+MISSING_KEY = "no OpenAI API key: set OPENAI_API_KEY, or pass LLMConfig(api_key=...)"
 
 
 class LLMBenchError(Exception):

@@ -17,7 +17,6 @@ import os
 import time
 from pathlib import Path
 
-from .budget.file import torn_record
 from .errors import StoreError, UnusableStoreError
 from .store import SCHEMA_VERSION, STORE_FILENAME, ResponseStore
 
@@ -30,7 +29,10 @@ def check_run_dir(run_dir: Path) -> list[str]:
     cannot go on (a newer store, a file that cannot be set aside)."""
     found = check_store(run_dir)
     lines = [found] if found else []
-    for path in sorted(run_dir.glob("budget-*.json")) if run_dir.is_dir() else []:
+    records = sorted(run_dir.glob("budget-*.json")) if run_dir.is_dir() else []
+    if records:  # the budget's module (and its file lock) only when there is one to check
+        from .budget.file import torn_record
+    for path in records:
         why = torn_record(path)
         if why is not None:
             lines.append(

@@ -239,7 +239,9 @@ class RunState:
     def client(self) -> LLMClient:
         if self._client is None:
             self._client = LLMClient(self.llm_config)
-            self._client.shared.cost_cap = self.cost_cap()
+            cap = self.cost_cap()
+            if cap is not None:  # else the client's transport waits for its first send
+                self._client.shared.cost_cap = cap
         return self._client
 
     def cost_cap(self, on_stop: Callable[[str], None] | None = None) -> CostCap | None:

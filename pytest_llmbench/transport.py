@@ -32,7 +32,7 @@ from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_att
 
 from .budget import BaseBudget, Budget, RateLimitSnapshot, Ticket, open_budget
 from .config import LLMConfig
-from .errors import ConfigError, LLMCallError, RunStopped, StoreError
+from .errors import MISSING_KEY, ConfigError, LLMCallError, RunStopped, StoreError
 from .response import Answer, ClientStats, Usage, estimate_tokens
 from .retry import BackoffPolicy, as_mapping, describe, is_retryable
 from .tokens import request_prompt_tokens
@@ -55,9 +55,6 @@ def budget_for(config: LLMConfig, model: str) -> Budget:
         burst_seconds=config.burst_seconds,
         opening_burst=config.opening_burst,
     )
-
-
-MISSING_KEY = "no OpenAI API key: set OPENAI_API_KEY, or pass LLMConfig(api_key=...)"
 
 
 OnAnswer = Callable[[Answer], None]

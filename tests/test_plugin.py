@@ -465,6 +465,38 @@ def test_prefetch_sends_each_planned_request_once(
     result.stdout.fnmatch_lines(["*llmbench prefetch: planned 80 request(s)*"])
 
 
+#: what only a process that sends imports (budget, file lock, retries, wire)
+SEND_PATH = ("pytest_llmbench.transport", "pytest_llmbench.budget", "tenacity", "filelock")
+LOADED = """
+import os, sys
+
+def pytest_unconfigure(config):
+    if os.environ.get("PYTEST_LLMBENCH_PHASE") == "plan":
+        name = "plan"
+    else:
+        name = getattr(config, "workerinput", {{}}).get("workerid", "controller")
+    with open(os.path.join({out!r}, name), "w") as fh:
+        fh.write(" ".join(m for m in {mods!r} if m in sys.modules))
+"""
+
+
+def test_only_the_processes_that_send_load_the_send_path(
+    pytester: pytest.Pytester, server: Simulator, tmp_path: Path
+) -> None:
+    """Each pytest process of a run starts faster for what it does not import: the plan
+    subprocess and workers that replay never load the budget, retries or the wire."""
+    rows = make_suite(pytester, 10, "[0.0]")
+    server.configure(answer_key=answer_key(rows), p_correct=1.0)
+    pytester.makeconftest(LOADED.format(out=str(tmp_path), mods=SEND_PATH))
+    result = pytester.runpytest_subprocess("-n", "2")
+    result.assert_outcomes(passed=10)
+    assert server.stats()["chat_requests"] == 10  # all fetched by the controller
+    loaded = {p.name: p.read_text().split() for p in tmp_path.iterdir()}
+    assert sorted(loaded) == ["controller", "gw0", "gw1", "plan"]
+    assert loaded["plan"] == loaded["gw0"] == loaded["gw1"] == []
+    assert loaded["controller"] == list(SEND_PATH)  # the fetch sent: the check sees it
+
+
 def test_prefetch_and_live_give_identical_results(
     pytester: pytest.Pytester, server: Simulator
 ) -> None:

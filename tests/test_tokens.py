@@ -4,6 +4,8 @@ library's own encode, the estimate, and the simulator counting with the same fun
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import openai
@@ -219,3 +221,32 @@ def test_the_simulator_defaults_to_exact_when_it_can() -> None:
     if not exact_available():
         with pytest.raises(ValueError, match="tokens"):
             SimConfig(tokenizer="exact")
+
+
+WARMED = """
+import threading
+from pytest_llmbench import tokens
+from pytest_llmbench.sim import SimConfig, Simulator
+
+with Simulator(SimConfig(tokenizer={tokenizer!r}), port=0) as sim:
+    for thread in threading.enumerate():
+        if thread.name == "llmbench-tokens":
+            thread.join(60)
+    loaded = sorted(name for name, count in tokens._ENCODERS.items() if count is not None)
+    print(",".join(loaded) or "-", sim.stats()["chat_requests"])
+"""
+
+
+@pytest.mark.parametrize("tokenizer", ["exact", "estimate"])
+def test_the_simulator_loads_its_encoding_before_the_first_request(tokenizer: str) -> None:
+    """Loaded by the first request, the encoding stopped the server's event loop for
+    0.65 s: the requests that came meanwhile met the rate limiter together, and a client
+    pacing at the limit drew 30-36 429s it had not earned (a fresh process: the load is
+    once per process)."""
+    if tokenizer == "exact" and not exact_available():
+        pytest.skip("needs pytest-llmbench[tokens]")
+    code = WARMED.format(tokenizer=tokenizer)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    expected = "o200k_base 0" if tokenizer == "exact" else "- 0"
+    assert run.stdout.split("\n")[0] == expected
