@@ -171,13 +171,6 @@ def warm(model: str | None) -> None:
     _counter(model, None)
 
 
-def warm_in_background(model: str | None) -> threading.Thread:
-    """:func:`warm` in a daemon thread (started; a count meanwhile waits for it)."""
-    thread = threading.Thread(target=warm, args=(model,), name="llmbench-tokens", daemon=True)
-    thread.start()
-    return thread
-
-
 def _counter(model: str | None, tokenizer: Tokenizer | None) -> Callable[[str], int] | None:
     if tokenizer == "estimate":
         return None

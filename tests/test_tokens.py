@@ -224,14 +224,10 @@ def test_the_simulator_defaults_to_exact_when_it_can() -> None:
 
 
 WARMED = """
-import threading
 from pytest_llmbench import tokens
 from pytest_llmbench.sim import SimConfig, Simulator
 
 with Simulator(SimConfig(tokenizer={tokenizer!r}), port=0) as sim:
-    for thread in threading.enumerate():
-        if thread.name == "llmbench-tokens":
-            thread.join(60)
     loaded = sorted(name for name, count in tokens._ENCODERS.items() if count is not None)
     print(",".join(loaded) or "-", sim.stats()["chat_requests"])
 """

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..tokens import warm_in_background
+from ..tokens import warm
 from .app import make_app
 from .config import SimConfig
 from .state import SimState
@@ -21,13 +21,15 @@ SHUTDOWN_TIMEOUT = 1.0
 async def start_site(state: SimState, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving ``state`` on ``host:port`` (0 = any free port); returns the bound port.
 
-    With exact token counts, the encoding of most models (``o200k_base``) starts loading
-    now, beside the server: loaded by the first request instead, it stopped the server's
-    event loop for 0.65 s there (more beside a busy client), and the requests that came
-    meanwhile reached the rate limiter together, their refill lost (30 to 36 429s in the
-    first 2,000-case run of ``benchmarks/throughput.py``, none in the runs after it)."""
+    With exact token counts, the encoding of most models (``o200k_base``) is loaded
+    first, once per process (0.65 s of CPU here), as a server loads its tokenizer before
+    it takes requests. Loaded by the first request, it stopped the server's event loop
+    there, and the requests that came meanwhile reached the rate limiter together, their
+    refill lost (30 to 36 429s in the first 2,000-case run of ``benchmarks/throughput.py``,
+    none in the runs after it); loaded in a thread beside the server, it held the GIL
+    while the first requests were served, and a test's burst spread out."""
     if state.config.tokenizer == "exact":
-        warm_in_background(None)
+        warm(None)
     runner = web.AppRunner(
         make_app(state),
         # a client that gives up (timeout) cancels its handler, as a real server would stop work
