@@ -32,6 +32,8 @@ from .results import CaseResult
 from .runtime import stop_message
 
 if TYPE_CHECKING:
+    from collections.abc import Generator
+
     from xdist.workermanage import WorkerController  # type: ignore[import-untyped]
 
     from .batch import BatchStats
@@ -505,6 +507,31 @@ class XdistController:
 
     def pytest_configure_node(self, node: WorkerController) -> None:
         node.workerinput["llmbench"] = self.controller.state.shared_for_children()
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> Generator[None, Any, Any]:
+        return (yield from self.interruptible())
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, Any, Any]:
+        return (yield from self.interruptible())
+
+    def interruptible(self) -> Generator[None, Any, Any]:
+        """A Ctrl-C or SIGTERM while xdist starts or drives its workers ends the session
+        with the interrupt's one line, whatever the signal broke on its way: the handler
+        raises wherever it finds the main thread (inside pytest's own code, whose frames
+        pytest may then fail to show), and a terminal's Ctrl-C also reaches the workers,
+        so execnet's wait for a worker still starting ends in an EOFError that replaces
+        the interrupt."""
+        from .errors import RunInterrupted
+
+        try:
+            return (yield)
+        except BaseException:
+            interrupts = self.controller.interrupts
+            if interrupts is None or interrupts.message is None:
+                raise
+            raise RunInterrupted(interrupts.message) from None
 
     def pytest_xdist_node_collection_finished(self, node: WorkerController, ids: list[str]) -> None:
         # The first worker to finish collecting says whether tests use `llm` (and, when
