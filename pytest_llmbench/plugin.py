@@ -88,6 +88,13 @@ def pytest_configure(config: pytest.Config) -> None:
             config.pluginmanager.register(XdistController(controller), f"{name}-xdist")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = session.config.stash.get(STATE, None)
+    if state is not None:
+        state.freeze_at_session_end(session.config)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     controller = config.stash.get(CONTROLLER, None)
     if controller is not None:

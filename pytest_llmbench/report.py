@@ -90,6 +90,23 @@ def build_report(
     }
 
 
+def report_text(report: Mapping[str, Any]) -> str:
+    """The report as JSON text: indented, but each case on one line. Indenting every case
+    takes the standard library's pure-Python encoder (its C encoder writes compact JSON
+    only): 0.15-0.2 s for 2,000 cases at the end of every run, against a few
+    milliseconds; and a case per line is what ``grep`` and ``diff`` want.
+    ``allow_nan=False``: NaN is not JSON, and a report other tools cannot parse is useless."""
+    cases = report.get("cases")
+    rest = {k: v for k, v in report.items() if k != "cases"}
+    text = json.dumps(rest, indent=2, ensure_ascii=False, allow_nan=False)
+    if cases is None:
+        return text + "\n"
+    lines = ",\n".join("    " + json.dumps(c, ensure_ascii=False, allow_nan=False) for c in cases)
+    body = f"[\n{lines}\n  ]" if lines else "[]"
+    head = text[:-2] + ",\n" if rest else "{\n"  # text ends with "\n}"
+    return f'{head}  "cases": {body}\n}}\n'
+
+
 def write_report(path: str | Path, report: Mapping[str, Any]) -> None:
     """Write the report as JSON, atomically: a reader sees the old file or the new one.
 
@@ -97,9 +114,8 @@ def write_report(path: str | Path, report: Mapping[str, Any]) -> None:
     path when it cannot be written.
     """
     path = Path(path)
-    # allow_nan=False: NaN is not JSON, and a report other tools cannot parse is useless
     try:
-        text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        text = report_text(report)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--llm-report: cannot serialise the report for {path}: {exc}") from None
     write_text_atomically(path, text, "--llm-report")

@@ -41,6 +41,8 @@ def pytest_unconfigure(config):
     # after pytest's own last collection (its cleanups) and after the plugin registered
     # its handler: runs before it, at exit
     atexit.register(_leave_garbage)
+    with open(os.path.join(ROOT, "unconfigure-" + ROLE + ".json"), "w") as fh:
+        json.dump({{"frozen": gc.get_freeze_count()}}, fh)
 
 def _seen():
     with open(os.path.join(ROOT, "exit-" + ROLE + ".json"), "w") as fh:
@@ -73,6 +75,32 @@ def test_a_process_that_ran_cases_exits_frozen_and_still_finalizes_its_garbage(
     # ...and garbage in a reference cycle at exit was still finalized: the one
     # collection before the freeze did it, as the interpreter's own would have
     assert (pytester.path / "finalized-main.txt").read_text("utf-8") == "finalized"
+
+    # ...and the objects were frozen when the session ended, before pytest's own final
+    # collections (at unconfigure and in its cleanups; this looks between the two), in
+    # every process of the run
+    # (with -n 2: the worker that ran the one case; the other ran none and is left alone)
+    def frozen(role: str) -> int:
+        path = pytester.path / f"unconfigure-{role}.json"
+        return int(json.loads(path.read_text("utf-8"))["frozen"])
+
+    assert frozen("main") > 10_000 and frozen("plan") > 10_000
+    if workers == "2":
+        assert sorted(frozen(gw) > 10_000 for gw in ("gw0", "gw1")) == [False, True]
+
+
+def test_an_in_process_run_leaves_the_calling_process_unfrozen(
+    pytester: pytest.Pytester,
+) -> None:
+    # pytest.main() in a process that goes on (here pytester's in-process run inside this
+    # session): nothing is frozen there, at the end of its session or later
+    import gc
+
+    pytester.makepyfile(test_exit_suite=SUITE)
+    before = gc.get_freeze_count()
+    result = pytester.runpytest_inprocess("--llm-sim", "-n", "0", "-p", "no:randomly")
+    result.assert_outcomes(passed=1)
+    assert gc.get_freeze_count() == before
 
 
 def test_a_run_without_llmbench_cases_is_left_alone(pytester: pytest.Pytester) -> None:
