@@ -311,13 +311,15 @@ class RunState:
         a run ends ~0.3-0.4 s sooner. The collection here runs while pytest still listens
         for unraisable exceptions, so a finalizer that fails in it is reported as before;
         see :func:`collect_then_freeze` for what a freeze gives up."""
-        if self._client is None and self._store is None:
-            return
-        if exits_after_session(config, self.phase):
+        if self.ran_cases() and exits_after_session(config, self.phase):
             collect_then_freeze()
 
+    def ran_cases(self) -> bool:
+        """Whether this process called the model or opened the store for its cases."""
+        return self._client is not None or self._store is not None
+
     def close(self) -> None:
-        if self._client is not None or self._store is not None:
+        if self.ran_cases():
             atexit.unregister(collect_then_freeze)  # once per process, and run first
             atexit.register(collect_then_freeze)
         if self._client is not None:
@@ -335,8 +337,8 @@ def exits_after_session(config: pytest.Config, phase: str) -> bool:
     in-process runs inside another session)."""
     if phase == "plan" or is_worker(config):
         return True
-    main = Path(sys.argv[0])
-    launched = main.name in ("pytest", "py.test") or main.parent.name == "pytest"
+    main = Path(sys.argv[0])  # the console script, or pytest's __main__.py for -m pytest
+    launched = main.name in ("pytest", "py.test") or main.parts[-2:] == ("pytest", "__main__.py")
     args = tuple(str(a) for a in config.invocation_params.args)
     return launched and tuple(sys.argv[1:]) == args
 

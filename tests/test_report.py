@@ -132,6 +132,22 @@ def test_report_round_trip(tmp_path: Path) -> None:
     assert os.listdir(path.parent) == ["report.json"]
 
 
+def test_the_report_is_indented_with_a_case_per_line(tmp_path: Path) -> None:
+    report = make_report()
+    path = tmp_path / "report.json"
+    write_report(path, report)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    case_lines = [line for line in lines if line.startswith('    {"')]
+    assert [json.loads(line.rstrip(",")) for line in case_lines] == report["cases"]
+    assert '  "schema": "pytest-llmbench/report",' in lines  # the rest stays indented
+    for cases in ([], None):
+        other = {"a": {"b": 1}} if cases is None else {"a": {"b": 1}, "cases": cases}
+        write_report(path, other)
+        assert json.loads(path.read_text(encoding="utf-8")) == other
+    with pytest.raises(ConfigError, match="--llm-report: cannot serialise"):
+        write_report(path, {"cases": [{"x": float("nan")}]})
+
+
 def test_write_report_replaces_existing(tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     path.write_text("old")
