@@ -15,6 +15,14 @@ T = TypeVar("T")
 # Obviously fake: the simulator accepts any key that starts with "sk-" unless told otherwise.
 FAKE_KEY = "sk-test-fake-key-do-not-use-0000"
 
+#: plugins of the test environment that the pytest runs under test do not use: pytest-html
+#: and pytest-metadata (one test of the pytest-html section enables them again), llmock's
+#: fixtures and anyio's (no test uses them). pytest-html's import and pytest-metadata's
+#: look at every installed package cost a run 0.1-0.2 s of CPU in each of its processes
+#: (the run, its plan subprocess, each xdist worker): 15-20% of the suite's CPU.
+UNNEEDED_PLUGINS = ("html", "metadata", "llmock", "anyio")
+LEAN_ADDOPTS = " ".join(f"-p no:{name}" for name in UNNEEDED_PLUGINS)
+
 
 def wait_for(
     condition: Callable[[], T],

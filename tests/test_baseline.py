@@ -188,8 +188,11 @@ def test_samples_and_temperatures_reach_summary_and_report(
     assert answers <= {f"{x}{i}".lower() for x in "ABC" for i in range(20)}
 
 
-def test_pytest_html_report_gets_the_llmbench_summary(pytester: pytest.Pytester) -> None:
+def test_pytest_html_report_gets_the_llmbench_summary(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("pytest_html")
+    monkeypatch.delenv("PYTEST_ADDOPTS")  # pytest-html and pytest-metadata on again
     pytester.makepyfile(test_suite=SAMPLED)
     result = pytester.runpytest_subprocess("--llm-sim", "--html=ph.html", "-rN")
     assert result.ret == 1

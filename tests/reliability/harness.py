@@ -26,11 +26,10 @@ from pytest_llmbench.sim import Simulator
 from pytest_llmbench.sim.answers import body_hash
 from pytest_llmbench.store import STORE_FILENAME, ResponseStore
 
-from ..helpers import FAKE_KEY, wait_for
+from ..helpers import FAKE_KEY, UNNEEDED_PLUGINS, wait_for
 
 #: a run that takes longer than this is stuck: it is killed and the test fails
 RUN_TIMEOUT_S = 120.0
-UNNEEDED_PLUGINS = ("html", "metadata", "llmock", "anyio")
 
 #: one call per case, graded on the exact answer: a case cannot pass without a real one
 ONE_CALL = """
