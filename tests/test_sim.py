@@ -921,6 +921,30 @@ def test_batch_flow_with_shuffled_output_joined_by_custom_id(start, client) -> N
     assert stats["batch_lines_processed"] == 30 and stats["chat_requests"] == 1
 
 
+@pytest.mark.parametrize("how", ["configure", "POST /_sim/config"])
+def test_a_job_held_in_validation_goes_on_once_the_configuration_lets_it(
+    start, client, how: str
+) -> None:
+    # Given a job that would validate for an hour
+    sim = start(**FAST_BATCH | {"batch_validating_seconds": 3600.0})
+    c = client(sim)
+    batch = submit(c, batch_lines(questions(5)))
+    assert c.batches.retrieve(batch.id).status == "validating"
+
+    # When the validation time is cut while it validates
+    patch = {"batch_validating_seconds": 0.05}
+    if how == "configure":
+        sim.configure(**patch)
+    else:
+        with httpx2.Client(base_url=sim.url) as http:
+            assert http.post("/_sim/config", json=patch).status_code == 200
+
+    # Then the job goes on at once (settle waits at most 10 s) and completes
+    final = settle(c, batch.id)
+    assert final.status == "completed"
+    assert final.request_counts is not None and final.request_counts.completed == 5
+
+
 def test_batch_expires_with_partial_results(start, client) -> None:
     # Given 40 lines at 50 per second and an expiry 0.35 s after creation
     sim = start(**FAST_BATCH | {"batch_requests_per_second": 50.0, "batch_expire_after": 0.35})

@@ -4,7 +4,9 @@ One asyncio task per batch drives its phases and sleeps between them (no polling
 ``validating`` (``batch_validating_seconds``) → ``in_progress`` (lines finish one by one at
 ``batch_requests_per_second``; ``request_counts`` and ``usage`` are computed from the clock
 on each retrieve) → ``finalizing`` (``batch_finalizing_seconds``) → ``completed``. A file that
-fails validation ends ``failed`` with ``errors.data``; a batch still running
+fails validation ends ``failed`` with ``errors.data``; a change of ``batch_validating_seconds``
+(``Simulator.configure``, ``POST /_sim/config``) reaches the jobs still validating at
+once (a test can hold a job open across runs, then let it go); a batch still running
 ``batch_expire_after`` seconds after creation ends ``expired`` (finished lines in the output
 file, the rest as ``batch_expired`` in the error file); cancel gives ``cancelling`` for
 ``batch_cancelling_seconds``, then ``cancelled`` with the lines finished so far (lines never
@@ -99,6 +101,9 @@ class BatchManager:
         self.state = state
         self.files = files
         self.batches: dict[str, Batch] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, from create()
+        self._reconfigured: asyncio.Event | None = None  # set at the next configure
+        state.on_configure(self._configured)
 
     # -- API operations ------------------------------------------------------------------
 
@@ -141,7 +146,8 @@ class BatchManager:
         )
         self.batches[batch.id] = batch
         self.state.count("batches_created")
-        batch.task = asyncio.get_running_loop().create_task(self._run(batch, source.data))
+        self._loop = asyncio.get_running_loop()
+        batch.task = self._loop.create_task(self._run(batch, source.data))
         return batch
 
     def get(self, batch_id: str) -> Batch:
@@ -240,7 +246,7 @@ class BatchManager:
         b.lines, b.errors, b.model = self._validate(data)
         if not b.errors:
             self._check_enqueued(b)
-        if not await _wait(time.monotonic() + cfg.batch_validating_seconds, deadline):
+        if not await self._validated(b, deadline):
             return self._expire(b)
         if b.errors:
             b.enqueued_tokens = 0
@@ -259,6 +265,34 @@ class BatchManager:
             return self._expire(b)
         self._write_files(b, [])
         self._set(b, "completed")
+
+    async def _validated(self, b: Batch, deadline: float) -> bool:
+        """Wait until ``batch_validating_seconds`` after the job's creation, as configured
+        at each moment (a change wakes the wait), or until ``deadline`` (False: the job
+        expires)."""
+        while True:
+            end = b.created_mono + self.state.config.batch_validating_seconds
+            if self._reconfigured is None:
+                self._reconfigured = asyncio.Event()
+            changed = self._reconfigured
+            timeout = max(0.0, min(end, deadline) - time.monotonic())
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except asyncio.TimeoutError:  # 3.10: not the builtin TimeoutError
+                return end <= deadline
+
+    def _configured(self) -> None:
+        """The configuration changed (in any thread): the jobs validating look again."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the server has stopped: nobody waits
+            loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        changed, self._reconfigured = self._reconfigured, None
+        if changed is not None:
+            changed.set()
 
     async def _finish_cancel(self, b: Batch) -> None:
         await asyncio.sleep(self.state.config.batch_cancelling_seconds)

@@ -72,6 +72,7 @@ class SimState:
         self._serving = 0
         self._draws: dict[str, int] = {}
         self._answered: dict[str, int] = {}
+        self._listeners: list[Callable[[], None]] = []
         self._seed_rngs()
         self._arm_storm()
         self._clear_stats()
@@ -83,7 +84,8 @@ class SimState:
         return self._config
 
     def configure(self, patch: dict[str, Any]) -> SimConfig:
-        """Merge ``patch`` (JSON merge patch) into the config; raises on invalid values."""
+        """Merge ``patch`` (JSON merge patch) into the config; raises on invalid values.
+        Then tells those who asked (:meth:`on_configure`), in the calling thread."""
         with self.lock:
             new = patch_config(self._config, patch)
             index = build_index(new) if _ANSWER_FIELDS & patch.keys() else self.index
@@ -95,7 +97,13 @@ class SimState:
                 self._seed_rngs()
             if "storm" in patch:
                 self._arm_storm()
-            return new
+        for listener in self._listeners:
+            listener()
+        return new
+
+    def on_configure(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each change of the configuration."""
+        self._listeners.append(listener)
 
     def reset(self) -> None:
         """Clear statistics, counters and buckets; keep the configuration."""
