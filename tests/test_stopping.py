@@ -317,7 +317,7 @@ def test_qa(case, llm, request):
 def overlap_run(pytester: pytest.Pytester, sim: Simulator, *args: str) -> dict[str, Any]:
     (pytester.path / "ran.jsonl").unlink(missing_ok=True)
     result = pytester.runpytest_subprocess(
-        "-n", "2", "-rN", "--llm-rpm", "600", "--llm-report", "r.json", *args
+        "-n", "2", "-rN", "--llm-rpm", "400", "--llm-report", "r.json", *args
     )
     assert result.ret in (0, 1), text_of(result)
     ran = [json.loads(line) for line in (pytester.path / "ran.jsonl").read_text().splitlines()]
@@ -350,12 +350,10 @@ def test_tests_run_while_the_prefetch_fetches_and_results_match(
         return {c["nodeid"]: (c["outcome"], c["response"]) for c in run["report"]["cases"]}
 
     assert outcomes(runs["overlap"]) == outcomes(runs["no-overlap"])
-    # 80 requests at 10/s take ~8 s: with the overlap, tests ran long before the fetch
-    # ended; without it, every test ran after the last answer
+    # 80 requests at 400 a minute take ~12 s: with the overlap, many tests ran before the
+    # second in which the last answer arrived (the workers start while the fetch runs, and
+    # on a loaded machine that alone can take 6 s); without it, every test ran after it
     for name, run in runs.items():
         last_answer = max(float(s) for s in run["stats"]["answered_per_second"])
-        first_test = min(r["at"] for r in run["ran"])
-        if name == "overlap":
-            assert first_test < last_answer - 3
-        else:
-            assert first_test >= last_answer
+        ran_before = sum(r["at"] < last_answer for r in run["ran"])
+        assert ran_before >= 10 if name == "overlap" else ran_before == 0, (name, ran_before)
