@@ -16,7 +16,10 @@ end >= 0.95 of the limit with and without xdist, < 1% refused, 0 lost, >= 20x se
 Part 2: a replay-only run of 30,000 cases (every response stored) against a plain pytest
 run of 30,000 trivial parametrized tests: wall-time ratio and peak memory of both.
 
-All figures are ratios measured in the same run on the same machine.
+All figures are ratios measured in the same run on the same machine. The pytest runs
+see the plugins a user's installation has: those of this checkout's development extras
+(pytest-html, pytest-metadata, llmock) are left out with ``-p no:``, and the output says
+which.
 """
 
 from __future__ import annotations
@@ -72,9 +75,52 @@ def child_env(base_url: str) -> dict[str, str]:
     makes every process compile the package (and any dependency installed without its
     bytecode) from source again: about 0.35 s of CPU per process on this machine, paid
     by the run, its plan subprocess and each xdist worker. A user's installation does
-    not pay it (pip compiles at install; an editable install caches on first import)."""
+    not pay it (pip compiles at install; an editable install caches on first import).
+
+    The pytest plugins of this checkout's development extras (:func:`foreign_plugins`)
+    are left out the same way: ``pip install pytest-llmbench`` does not bring them."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    return {**env, "OPENAI_API_KEY": FAKE_KEY, "LLMBENCH_BASE_URL": base_url}
+    addopts = " ".join([env.get("PYTEST_ADDOPTS", ""), *(f"-p no:{n}" for n in foreign_plugins())])
+    return {
+        **env,
+        "OPENAI_API_KEY": FAKE_KEY,
+        "LLMBENCH_BASE_URL": base_url,
+        "PYTEST_ADDOPTS": addopts.strip(),
+    }
+
+
+def foreign_plugins(package: str = "pytest-llmbench") -> list[str]:
+    """The pytest plugins installed here whose distributions ``package`` does not depend
+    on (its extras left out): in this checkout, the test extra's pytest-html,
+    pytest-metadata and llmock. Each costs every process of a run (the run, its plan,
+    each xdist worker) its import and hooks, 0.1-0.2 s of CPU for pytest-html with
+    pytest-metadata, which a user who installed only the package does not pay."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    needed: set[str] = set()
+    todo = [package]
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in needed:
+            continue
+        needed.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    plugins = metadata.entry_points(group="pytest11")
+    return sorted(
+        ep.name
+        for ep in plugins
+        if ep.dist is not None and canonicalize_name(ep.dist.name) not in needed
+    )
 
 
 def run_pytest(root: Path, args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
@@ -235,6 +281,8 @@ def part1(quick: bool, configured: bool) -> list[dict[str, Any]]:
         "to the server's first request, from there to its last answer, and from there to "
         "the process's exit (they add up to the wall time)"
     )
+    left_out = ", ".join(foreign_plugins()) or "none"
+    print(f"pytest plugins left out (not installed with the package): {left_out}")
     return results
 
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .engine import Fetch
     from .gates import Gate, GateResult
     from .interrupts import Interrupts
+    from .plan_fork import PlanFork
     from .pricing import PriceTable
     from .progress import PrefetchStats
     from .results import BaselineRun, SuiteSummary
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from .sim import Simulator
 
 
-#: at most this long the xdist workers wait for the first planned request to go out
+#: at most this long the tests' collection waits for the first planned request to go out
 WORKERS_WAIT_S = 10.0
 
 
@@ -92,12 +93,14 @@ class Controller:
         self.estimate: list[str] | None = None  # --llm-estimate's lines
         self.interrupts: Interrupts | None = None
         self.notices: list[str] = []  # what the run directory's check did, said once
+        self.plan_fork: PlanFork | None = None  # waits to become the plan process
 
     # ------------------------------------------------------------------ start and stop
     def start(self) -> None:
         """At configure time: the run directory's check, --cache-clear, the simulator, an
         early look at the budget."""
         state = self.state
+        self.plan_fork = self.fork_for_plan()  # first: no thread has started yet
         if not _asks_help(self.config):
             from .errors import StoreError
             from .run_dir import check_run_dir
@@ -124,6 +127,20 @@ class Controller:
             # now, before xdist starts its workers: they collect while it fetches
             self.begin_stream(None)
 
+    def fork_for_plan(self) -> PlanFork | None:
+        """A fork of this process to become the plan process (``plan_fork.py``), made
+        only in a run that may stream: it asks for llmbench or has a store."""
+        from .engine import streams
+        from .plan_fork import PlanFork
+        from .store import STORE_FILENAME
+
+        state, config = self.state, self.config
+        if _asks_help(config) or not streams(config, state):
+            return None
+        if (state.llm_config.run_dir / STORE_FILENAME).exists() or self.asks_llmbench():
+            return PlanFork.start()
+        return None
+
     def first_run(self) -> bool:
         """Whether this is an llmbench run with nothing stored yet (or ``--llm-fresh``).
 
@@ -133,23 +150,31 @@ class Controller:
         the environment alone must not make a project without benchmarks collect twice
         or get a run directory. Any other run starts planning once collection shows it
         calls the model (:meth:`collected`)."""
-        from .options import OPTIONS
         from .store import STORE_FILENAME
 
-        state, config = self.state, self.config
+        state = self.state
         stored = (state.llm_config.run_dir / STORE_FILENAME).exists()
         if not stored:
-            args = [str(a) for a in config.invocation_params.args]
-            asked = any(a.startswith(("--llm-", "--batch-api")) for a in args)
-            asked = asked or any(_ini_set(config, o.dest) for o in OPTIONS)
-            asked = asked or any(name.startswith("LLMBENCH_") for name in os.environ)
-            return asked
+            return self.asks_llmbench()
         return state.fresh_since is not None or len(state.store) == 0
+
+    def asks_llmbench(self) -> bool:
+        """Whether the run names llmbench: an option, an ini key or a variable."""
+        from .options import OPTIONS
+
+        config = self.config
+        args = [str(a) for a in config.invocation_params.args]
+        asked = any(a.startswith(("--llm-", "--batch-api")) for a in args)
+        asked = asked or any(_ini_set(config, o.dest) for o in OPTIONS)
+        return asked or any(name.startswith("LLMBENCH_") for name in os.environ)
 
     def close(self) -> None:
         from .plan import remove_collection_flags
 
         remove_collection_flags(self.state)
+        if self.plan_fork is not None:  # never used: it exits
+            self.plan_fork.close()
+            self.plan_fork = None
         if self.interrupts is not None:
             self.interrupts.restore()
         fetch = self.fetch
@@ -180,10 +205,11 @@ class Controller:
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """The session exists: catch Ctrl-C and SIGTERM for a fetch already running.
-        With xdist, the workers start once the first request is on its way: they have
-        nothing to do before its answer, and on a small machine their collection would
-        otherwise slow the planning down (their start is this hook's next
-        implementation, xdist's own)."""
+        The tests' collection (xdist's workers, or this process's own without xdist)
+        starts once the first request is on its way: the tests have nothing to do before
+        its answer, and on a small machine collecting would otherwise slow the planning
+        and the fetch's start down (the workers' start is this hook's next
+        implementation, xdist's own; this process's collection comes after the hook)."""
         self.session = session
         if self.notices:
             from .progress import note
@@ -194,8 +220,7 @@ class Controller:
             self.batch_before_workers()
             return
         self.watch(self.fetch)
-        if _workers(self.config):
-            self.fetch.under_way.wait(WORKERS_WAIT_S)
+        self.fetch.under_way.wait(WORKERS_WAIT_S)
 
     def batch_before_workers(self) -> None:
         """With xdist, the Batch API stage runs before the workers start: it plans the
@@ -262,7 +287,8 @@ class Controller:
         from .engine import start_stream
 
         live_line = self.state.options.no_overlap  # else the tests' progress is shown
-        self.watch(start_stream(self.config, self.state, only, live_line=live_line))
+        fork, self.plan_fork = self.plan_fork, None
+        self.watch(start_stream(self.config, self.state, only, live_line=live_line, fork=fork))
 
     def watch(self, fetch: Fetch) -> None:
         """Keep the fetch, and catch Ctrl-C and SIGTERM while it runs."""
@@ -364,8 +390,9 @@ class Controller:
         from .results import summarize, totals
 
         cases = list(self.cases.values())
-        if not cases and not self.gates:
-            return None
+        stopped = self.state.stopped()
+        if not cases and not self.gates and stopped is None:
+            return None  # a run that stops before any case still writes its report
         summaries = summarize(cases, self.prices)
         base_cases = None if self.baseline is None else list(self.baseline.cases)
         compared = analyze(summaries, cases, base_cases)
@@ -392,9 +419,10 @@ class Controller:
             if self.baseline is not None:
                 report["baseline"] = {**self.baseline.describe(), **_to_dict(compared)}
             write_outputs(report, self.report_path, self.html_path)
-        self.summary = RunSummary(
-            summaries, total, results, self.report_path, mode, compared=compared
-        )
+        if cases or self.gates:  # else only the line saying why the run stopped
+            self.summary = RunSummary(
+                summaries, total, results, self.report_path, mode, compared=compared
+            )
         return new_status
 
     def report(
@@ -423,6 +451,9 @@ class Controller:
             "simulator": state.sim_enabled,
             "origin": state.origin,
         }
+        stopped = state.stopped()
+        if stopped is not None:
+            meta["stopped"] = stopped
         if self.batch is not None:
             meta["batch"] = self.batch.to_report()
         if self.prefetch is not None:

@@ -3,9 +3,10 @@
 pytest runs one test at a time per process, so ``-n 8`` alone keeps at most 8 requests in
 flight. Instead the controlling process:
 
-1. **plans**: runs the same pytest invocation in a subprocess with
+1. **plans**: runs the same pytest invocation in a second process with
    ``PYTEST_LLMBENCH_PHASE=plan`` (``plan.py``), which records each request that is not
-   stored yet;
+   stored yet: a fork of this process made at configure time (``plan_fork.py``), or a
+   subprocess where forking is not safe;
 2. **fetches** every planned request concurrently, paced by the shared budget, saving each
    answer the moment it arrives (live, :class:`Fetch`), or through the Batch API
    (``batch.py``);
@@ -30,6 +31,7 @@ import contextlib
 import functools
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -52,6 +54,7 @@ from .plan import (
     run_plan,
     runs_tests,
 )
+from .plan_fork import ForkedPlan, ForkUnavailable
 from .progress import PrefetchStats, Progress
 from .saver import GroupSaver, Pair
 from .store import GAVE_UP, Failure, ensure_run_dir
@@ -59,6 +62,7 @@ from .store import GAVE_UP, Failure, ensure_run_dir
 if TYPE_CHECKING:
     from .batch import BatchStats
     from .client import Answer, LLMClient
+    from .plan_fork import PlanFork
     from .runtime import RunState
 
 
@@ -131,13 +135,19 @@ def run_staged(
 
 
 def start_stream(
-    config: pytest.Config, state: RunState, only: Iterable[str] | None, *, live_line: bool
+    config: pytest.Config,
+    state: RunState,
+    only: Iterable[str] | None,
+    *,
+    live_line: bool,
+    fork: PlanFork | None = None,
 ) -> Fetch:
-    """Start planning and fetching in a thread; the tests may run meanwhile."""
+    """Start planning and fetching in a thread; the tests may run meanwhile. The plan
+    runs in ``fork`` when given (``plan_fork.py``), else in a subprocess."""
     fetch = Fetch(config, state, live_line=live_line)
     run_dir = ensure_run_dir(state.llm_config.run_dir)
     fetch.journal = JournalWriter(journal_path(run_dir, state.run_token))
-    fetch.start(lambda: fetch.stream(only))
+    fetch.start(lambda: fetch.stream(only, fork))
     return fetch
 
 
@@ -327,12 +337,12 @@ class Fetch:
             await self._send(todo)
         self.progress.finish()
 
-    async def stream(self, only: Iterable[str] | None) -> None:
-        """Plan and fetch at once: requests are sent while the plan subprocess still
-        finds more, so planning costs little more than the subprocess's start-up."""
+    async def stream(self, only: Iterable[str] | None, fork: PlanFork | None = None) -> None:
+        """Plan and fetch at once: requests are sent while the plan process still finds
+        more, so planning costs little more than that process's start-up."""
         workdir = Path(tempfile.mkdtemp(prefix="llmbench-plan-"))
         try:
-            stream = _PlanStream(self, workdir, only)
+            stream = _PlanStream(self, workdir, only, fork)
             await stream.run()
             if stream.status not in PLAN_OK and not self.stopping.is_set():
                 self.notes.append(plan_failed(self.state, stream.log, stream.status))
@@ -354,21 +364,40 @@ SPOOL_POLL_S = 0.02  # the spool is read this often while the plan subprocess ru
 
 
 class _PlanStream:
-    """The plan subprocess, and the requests it finds as an async iterable: the spool is
-    read every 20 ms while the subprocess runs (a real wait on it, woken to read)."""
+    """The plan process, and the requests it finds as an async iterable: the spool is
+    read every 20 ms while the process runs (a real wait on it, woken to read)."""
 
-    def __init__(self, fetch: Fetch, workdir: Path, only: Iterable[str] | None) -> None:
-        self.fetch, self.state = fetch, fetch.state
-        self.cmd, self.env, spool, self.log = plan_command(fetch.config, self.state, workdir, only)
+    def __init__(
+        self, fetch: Fetch, workdir: Path, only: Iterable[str] | None, fork: PlanFork | None
+    ) -> None:
+        self.fetch, self.state, self.fork = fetch, fetch.state, fork
+        self.args, self.env, spool, self.log = plan_command(fetch.config, self.state, workdir, only)
         self.cwd = fetch.config.invocation_params.dir
         self.reader = SpoolReader(spool)
         self.started = time.perf_counter()
         self.status = 0
 
     async def run(self) -> None:
+        proc = await self.start()
+        try:
+            await self.fetch._send(self.requests(proc))
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        self.status = int(proc.returncode or 0)
+
+    async def start(self) -> asyncio.subprocess.Process | ForkedPlan:
+        """The plan process: the waiting fork made into it, or a subprocess."""
+        if self.fork is not None:
+            with contextlib.suppress(ForkUnavailable):
+                return self.fork.spawn(self.args, self.env, self.cwd, self.log)
         with self.log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *self.cmd,
+            return await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "pytest",
+                *self.args,
                 cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -376,15 +405,10 @@ class _PlanStream:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C in the terminal is the controller's
             )
-            try:
-                await self.fetch._send(self.requests(proc))
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-        self.status = int(proc.returncode or 0)
 
-    async def requests(self, proc: asyncio.subprocess.Process) -> AsyncIterator[PlannedRequest]:
+    async def requests(
+        self, proc: asyncio.subprocess.Process | ForkedPlan
+    ) -> AsyncIterator[PlannedRequest]:
         fetch, progress, exited = self.fetch, self.fetch.progress, False
         while not exited and not fetch.stopping.is_set():
             try:

@@ -1,11 +1,12 @@
 """Planning: which requests a run will make, found by running the tests up to their
-first unanswered call in a subprocess.
+first unanswered call in a second process.
 
-The controlling process runs the same pytest invocation in a subprocess with
+The controlling process runs the same pytest invocation in a second process (a fork
+made at configure time, ``plan_fork.py``; else a subprocess) with
 ``PYTEST_LLMBENCH_PHASE=plan``. There the ``llm`` fixture records each request that has
 no stored answer (:func:`plan_recorder`, one JSON line per request in a spool file) and
 stops the test with ``LLMPending``. ``--lf``, ``-k``, ``-m`` and ``--deselect`` select
-exactly what the real run will, because the subprocess gets the same arguments, the same
+exactly what the real run will, because the plan gets the same arguments, the same
 rootdir and a copy of the cache directory (its writes go to the copy, so the real ``--lf``
 state is never touched). :class:`SpoolReader` reads the spool while it is still being
 written, so fetching (``engine.py``, ``batch.py``) starts before planning ends.
@@ -118,7 +119,8 @@ def read_spool(path: Path) -> list[PlannedRequest]:
 def plan_command(
     config: pytest.Config, state: RunState, workdir: Path, only: Iterable[str] | None
 ) -> tuple[list[str], dict[str, str], Path, Path]:
-    """The plan subprocess's command line and environment, its spool file and its log."""
+    """The plan's pytest arguments (after ``python -m pytest``) and environment, its
+    spool file and its log."""
     spool = workdir / "plan.jsonl"
     spool.unlink(missing_ok=True)
     only_file = workdir / "plan-only.json"
@@ -157,7 +159,7 @@ def plan_command(
     if only is not None:
         env[ONLY_ENV] = str(only_file)
     env[SHARED_ENV] = json.dumps(state.shared_for_children())
-    return [sys.executable, "-m", "pytest", *args, *extra], env, spool, workdir / "plan.log"
+    return [*args, *extra], env, spool, workdir / "plan.log"
 
 
 def plan_failed(state: RunState, log: Path, status: int) -> str:
@@ -180,10 +182,10 @@ def run_plan(
     in the subprocess), so a resumed run plans only what has no answer yet.
     """
     started = time.perf_counter()
-    cmd, env, spool, log = plan_command(config, state, workdir, only)
+    args, env, spool, log = plan_command(config, state, workdir, only)
     with log.open("wb") as out:
         proc = subprocess.run(
-            cmd,
+            [sys.executable, "-m", "pytest", *args],
             cwd=config.invocation_params.dir,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -91,7 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     state = session.config.stash.get(STATE, None)
-    if state is not None:
+    if state is not None and not is_worker(session.config):  # a worker's: Worker's
         state.freeze_at_session_end(session.config)
 
 
@@ -132,6 +132,18 @@ class Worker:
 
         nodeids = llm_nodeids(session.items)
         write_collection_flag(self.config, self.state, nodeids, calls_model(session.items))
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        """The worker's collection and freeze (``RunState.freeze_at_session_end``) come
+        after its session has ended, not in it: xdist tells the controller the worker is
+        done after the last session-finish hook, and the controller's end (its
+        teardown of the workers, the summary) need not wait the 0.05-0.1 s of a full
+        collection; the worker has that long to wait for the controller anyway. pytest
+        still listens for unraisable exceptions here, but a worker's warnings no longer
+        reach the controller once it is done: a finalizer failing in this collection is
+        as silent as one failing in pytest's own collections at a worker's end."""
+        self.state.freeze_at_session_end(config)
 
 
 # ---------------------------------------------------------------------- parametrization

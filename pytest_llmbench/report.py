@@ -216,6 +216,13 @@ _RUN = (
     _f("python", "string", "Python version"),
     _f("workers", "integer", "pytest-xdist workers (`0` without xdist)"),
     _f("exit_status", "integer|null", "pytest's exit status, after gates decided it"),
+    _f(
+        "stopped",
+        "string",
+        "why llmbench stopped the run (exit status 6: a refusal every request would get, "
+        "or `--llm-max-cost` reached); absent when it did not",
+        required=False,
+    ),
     _f("base_url", "string", "API base URL (never a key)", required=False),
     _f("simulator", "boolean", "whether the built-in simulator answered", required=False),
     _f(

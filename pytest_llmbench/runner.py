@@ -18,7 +18,7 @@ from .budget import RateLimitSnapshot
 from .concurrency import Concurrency, Slot
 from .errors import LLMCallError, RunStopped
 from .response import Answer, ClientStats
-from .tokens import warm
+from .tokens import counts_exactly_now, estimate_prompt_tokens, warm_in_background
 from .transport import Shared
 from .wire import Sender
 
@@ -87,7 +87,6 @@ class Runner(Generic[T]):
     async def run(self, items: Iterable[T] | AsyncIterable[T]) -> None:
         # cassettes (a scope per item) record the SDK's httpx2 traffic: SDK only
         aclient = self.shared.sender(sdk_only=self.scope is not None)
-        warm(self.shared.config.model)  # before the first item: planning is still starting
         try:
             workers = [self.work(aclient) for _ in range(self.workers)]
             await asyncio.gather(self.feed(items), *workers)
@@ -137,25 +136,41 @@ class Runner(Generic[T]):
                 await self.smoother.acquire()
             if self.stop.is_set():
                 return None
+            body = self.body(item)
             with scope:
                 answer = await shared.asend(
-                    self.body(item),
+                    body,
                     stats,
                     aclient,
                     lambda a: self.on_answer(item, a),
                     held,
-                    prompt=None if self.prompt is None else self.prompt(item),
+                    prompt=self.prompt_tokens(item, body),
                 )
         except RunStopped:
             return None  # not sent: the run stops
         except LLMCallError as exc:
             self.on_error(item, exc)
             return None
+        # the token encoding loads from the first answer on (once), not while the first
+        # requests go out: until it has, the budget's counts are estimates
+        warm_in_background(body.get("model"))
         if self.gate.wants_rate:  # the first answers teach the server's limit, if any
             limit = RateLimitSnapshot.from_headers(answer.headers).limit_requests
             if limit:
                 self.gate.rate_limit(limit)
         return answer.latency if answer.attempts == 1 else None
+
+    def prompt_tokens(self, item: T, body: dict[str, Any]) -> int | None:
+        """The prompt's count for the budget: the plan's; else, until the token encoding
+        has loaded (in the background, from the first answer on: 0.2-0.7 s of CPU that
+        would hold up the first requests), the estimate; else None, counted exactly when
+        sent. A cost cap always counts exactly (its limit is money)."""
+        prompt = None if self.prompt is None else self.prompt(item)
+        if prompt is not None or self.shared.cost_cap is not None:
+            return prompt
+        if counts_exactly_now(body.get("model")):
+            return None
+        return estimate_prompt_tokens(body.get("messages") or [])
 
 
 class Held:

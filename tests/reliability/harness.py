@@ -406,10 +406,24 @@ def xdist_workers(run: Run) -> list[int]:
 
 
 def plan_process(run: Run) -> int | None:
-    """The run's plan subprocess, if one is running."""
+    """The run's plan process, if one is running: the one whose output goes to the
+    plan's log (a fork of the run keeps the run's command line and the environment it
+    started with, as ``/proc`` shows them, so neither tells)."""
     for p in descendants(run.pid):
-        if environ(p).get("PYTEST_LLMBENCH_PHASE") == "plan" and alive(p):
+        if plan_spool(p) is not None and alive(p):
             return p
+    return None
+
+
+def plan_spool(pid: int) -> Path | None:
+    """The spool a plan process writes (beside its log, its standard output), or None
+    for a process that is not one."""
+    try:
+        out = Path(os.readlink(f"/proc/{pid}/fd/1"))
+    except OSError:
+        return None
+    if out.name == "plan.log" and out.parent.name.startswith("llmbench-plan-"):
+        return out.parent / "plan.jsonl"
     return None
 
 

@@ -2,11 +2,11 @@
 
 For each stage (plan, fetch, replay, batch upload, batch polling) the same command runs
 three times in a row and is killed each time once the stage is under way: the controller
-(pytest's own process) twice, then a worker (the plan subprocess at the plan stage, else
+(pytest's own process) twice, then a worker (the plan process at the plan stage, else
 an xdist worker), after which the run goes on to its end. A clean rerun follows. Every
-stage is recognised from what the run shows, never from a sleep: the plan subprocess and
-its spool (``/proc``), the fetch journal, the tests' result lines, the simulator's upload
-counter, the Batch API progress line.
+stage is recognised from what the run shows, never from a sleep: the plan process and
+its spool (``/proc``: its output goes to the plan's log), the fetch journal, the tests'
+result lines, the simulator's upload counter, the Batch API progress line.
 
 Afterwards: every case has its answer and passes, the store opens and holds every answer
 (none that was stored is missing), the report validates, no process of a killed
@@ -43,9 +43,9 @@ from .harness import (
     RunAccount,
     answer_key,
     check_clean,
-    environ,
     litter,
     plan_process,
+    plan_spool,
     rows,
     sigkill,
     wait_gone,
@@ -110,11 +110,11 @@ def at_plan(w: Watch) -> int | None:
     """The plan subprocess runs and has planned a few requests (which the fetch is
     sending meanwhile): its pid."""
     pid = plan_process(w.run)
-    if pid is None:
+    spool = None if pid is None else plan_spool(pid)
+    if pid is None or spool is None:
         return None
-    spool = environ(pid).get("PYTEST_LLMBENCH_SPOOL")
     try:
-        planned = Path(spool).read_bytes().count(b"\n") if spool else 0
+        planned = spool.read_bytes().count(b"\n")
     except FileNotFoundError:
         return None
     return pid if planned >= PLANNED_BEFORE_KILL else None
