@@ -197,6 +197,7 @@ class Controller:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "teardown":
             return
+        self.state.collect_as_it_goes(self.config)
         props = [(k, v) for k, v in report.user_properties if str(k).startswith("llm.")]
         if props:
             data = {str(k)[4:]: v for k, v in props}

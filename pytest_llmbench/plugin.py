@@ -133,6 +133,10 @@ class Worker:
         nodeids = llm_nodeids(session.items)
         write_collection_flag(self.config, self.state, nodeids, calls_model(session.items))
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "teardown":
+            self.state.collect_as_it_goes(self.config)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         """The worker's collection and freeze (``RunState.freeze_at_session_end``) come

@@ -109,3 +109,45 @@ def test_a_run_without_llmbench_cases_is_left_alone(pytester: pytest.Pytester) -
     result = pytester.runpytest_subprocess("-n", "0", "-p", "no:randomly")
     result.assert_outcomes(passed=1)
     assert json.loads((pytester.path / "exit-main.json").read_text("utf-8")) == {"frozen": 0}
+
+
+FROZEN_SEEN = """
+import gc, json, os
+
+import pytest
+
+def pytest_configure(config):
+    config.pluginmanager.register(Seen(), "seen")
+
+class Seen:
+    seen = []
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report):
+        if report.when == "teardown":
+            self.seen.append(gc.get_freeze_count())
+
+    def pytest_sessionfinish(self, session):
+        with open("frozen-during.json", "w") as fh:
+            json.dump(self.seen, fh)
+"""
+
+MANY = """
+import pytest
+
+@pytest.mark.llmbench(dataset=[{"id": f"q{i}", "q": f"{i} + 1?"} for i in range(520)])
+def test_q(case, llm):
+    assert llm.generate_response(case["q"], max_tokens=5).ok
+"""
+
+
+def test_a_long_run_collects_and_freezes_as_it_goes(pytester: pytest.Pytester) -> None:
+    # every 500 tests a process that exits after its session collects and freezes, so
+    # the collection at its end walks only what the last tests left
+    pytester.makeconftest(FROZEN_SEEN)
+    pytester.makepyfile(test_exit_suite=MANY)
+    result = pytester.runpytest_subprocess("--llm-sim", "-n", "0", "-p", "no:randomly")
+    result.assert_outcomes(passed=520)
+    seen = json.loads((pytester.path / "frozen-during.json").read_text("utf-8"))
+    assert len(seen) == 520
+    assert seen[498] == 0 and seen[499] > 10_000  # the 500th test's report froze them
