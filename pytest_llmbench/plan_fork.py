@@ -35,10 +35,17 @@ FORK_ENV = "PYTEST_LLMBENCH_PLAN_FORK"  # "0": always a subprocess
 
 
 def can_fork() -> bool:
-    """Whether a fork is safe here: Linux, one thread, not turned off."""
+    """Whether a fork is safe here: Linux, one thread, not turned off. The threads are
+    counted by the kernel (``/proc/self/task``): ``threading`` does not see those
+    started with ``_thread`` (execnet's, in an xdist worker that runs pytest inline)."""
     if os.environ.get(FORK_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
-    return hasattr(os, "fork") and threading.active_count() == 1
+    if not hasattr(os, "fork") or threading.active_count() != 1:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
 class PlanFork:
