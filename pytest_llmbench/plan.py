@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,7 +33,12 @@ import pytest
 from .progress import note
 from .runtime import PHASE_ENV
 from .store import PlannedRequest as PlannedRequest  # the planned requests are store records
-from .tokens import request_prompt_tokens, warm
+from .tokens import (
+    counts_exactly_now,
+    exact_available,
+    request_prompt_tokens,
+    warm_in_background,
+)
 
 if TYPE_CHECKING:
     from .runtime import RunState
@@ -71,25 +75,17 @@ def plan_recorder(config: pytest.Config) -> Recorder:
     return record
 
 
-_LOADING: list[threading.Event] = []  # the process's one load of the encoding, once started
-
-
 def _tokens_loaded(model: object) -> bool:
-    """Whether ``model``'s encoding is loaded (the first call starts loading it in a
-    daemon thread, once for the process: a recorder is made for each test)."""
-    if not _LOADING:
-        done = threading.Event()
-
-        def load() -> None:
-            try:
-                warm(model if isinstance(model, str) else None)
-            finally:
-                done.set()
-
-        _LOADING.append(done)
-        threading.Thread(target=load, name="llmbench-plan-tokens", daemon=True).start()
-        return False
-    return _LOADING[0].is_set()
+    """Whether ``model``'s prompts can be counted without waiting: always without the
+    ``tokens`` extra (the estimate); with it, once its encoding has loaded (the first
+    call starts loading it in a thread, once for the process: a recorder is made for
+    each test)."""
+    if not exact_available():
+        return True
+    name = model if isinstance(model, str) else None
+    ready = counts_exactly_now(name)  # before a load starts: the first call never waits
+    warm_in_background(name)
+    return ready
 
 
 def plan_filter(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:

@@ -91,10 +91,6 @@ class PlanFork:
             raise ForkUnavailable(str(exc)) from None
         return ForkedPlan(self.pid)
 
-    @property
-    def used(self) -> bool:
-        return self._pipe is None
-
     def close(self) -> None:
         """Let an unused child go (it exits at the pipe's end) and reap it."""
         pipe, self._pipe = self._pipe, None

@@ -324,10 +324,8 @@ class RunState:
         the one at the end walks what the last few hundred tests left: 0.05-0.1 s off a
         2,000-case run's end in each process."""
         self._reports += 1
-        if self._reports % FREEZE_EVERY:
-            return
-        if self.ran_cases() and exits_after_session(config, self.phase):
-            collect_then_freeze()
+        if self._reports % FREEZE_EVERY == 0:
+            self.freeze_at_session_end(config)
 
     def ran_cases(self) -> bool:
         """Whether this process called the model or opened the store for its cases."""

@@ -420,20 +420,20 @@ def test_the_plan_hands_each_prompts_token_count_to_the_fetch(
 ) -> None:
     import threading
 
-    from pytest_llmbench import plan
+    from pytest_llmbench import tokens
     from pytest_llmbench.plan import SPOOL_ENV, plan_recorder, read_spool
     from pytest_llmbench.tokens import request_prompt_tokens
 
     spool = tmp_path / "plan.jsonl"
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "2 + 2?"}]}
     monkeypatch.setenv(SPOOL_ENV, str(spool))  # as the controller sets it for the plan
-    monkeypatch.setattr(plan, "_LOADING", [])  # a fresh plan process
+    monkeypatch.setattr(tokens, "_BACKGROUND", {})  # a fresh plan process
     # a recorder for each test, as the plugin makes them: the first request goes at once
     # while the encoding loads, once for the process however many recorders ask
     for i in range(3):
         plan_recorder(None)(f"k1-{i}", f"t.py::a{i}", 0, "/v1/chat/completions", body)  # type: ignore[arg-type]
-    loaders = [t for t in threading.enumerate() if t.name == "llmbench-plan-tokens"]
-    assert len(plan._LOADING) == 1 and len(loaders) <= 1
+    loaders = [t for t in threading.enumerate() if t.name == "llmbench-tokens"]
+    assert len(tokens._BACKGROUND) == 1 and len(loaders) <= 1
     for thread in loaders:
         thread.join(30)
     plan_recorder(None)("k2", "t.py::b", 0, "/v1/chat/completions", body)  # type: ignore[arg-type]
