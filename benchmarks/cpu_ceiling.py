@@ -4,6 +4,7 @@
     python benchmarks/cpu_ceiling.py --quick    # 500 a round, for a smoke check
     python benchmarks/cpu_ceiling.py --server llmock   # against llmock, an independent mock
     python benchmarks/cpu_ceiling.py --transports      # a bare request through each client
+    python benchmarks/cpu_ceiling.py --parts   # also the fetch without its budget, its store
 
 The server is the package's simulator in a separate process (no rate limit, no latency),
 so it does not share the client's CPU or GIL. With nothing to wait for, a client's
@@ -28,6 +29,11 @@ the mean of the rounds, and the median of the paired rounds (each ours against t
 round just before it). This machine's speed drifts by a third within minutes, hence 4
 rounds by default. Goal: >= 0.9. The exit status is non-zero only when a request failed
 or a loop lost answers, never for missing the goal.
+
+``--parts`` runs three more loops beside the two: ours without the shared budget
+(``--llm-budget none``), ours without the store (each answer dropped as it arrives: no
+commit, no journal line, no progress) and ours without either; then each one's mean rate
+against the raw loop's, and its CPU per request. What a part costs is the difference.
 
 ``--transports`` prices the ways a request can go, each a bare loop like **raw**: aiohttp,
 httpx2 (the SDK's default transport), ``AsyncOpenAI`` on httpx2 and ``AsyncOpenAI`` on the
@@ -247,10 +253,11 @@ def planned(tag: str, n: int) -> list[PlannedRequest]:
     return out
 
 
-def our_config(base_url: str, run_dir: Path) -> LLMConfig:
+def our_config(base_url: str, run_dir: Path, budget: str | None = None) -> LLMConfig:
     # the environment is left out (context env {}): the defaults are what a user gets,
-    # the file budget among them (budget_url None)
+    # the file budget among them (budget_url None; "none" for --parts)
     data = {
+        "budget_url": budget,
         "api_key": FAKE_KEY,
         "base_url": base_url,
         "max_concurrency": CONCURRENCY,
@@ -263,37 +270,55 @@ def our_config(base_url: str, run_dir: Path) -> LLMConfig:
     return LLMConfig.model_validate(data, context={"env": {}})
 
 
-def ours(base_url: str, tag: str, n: int, tmp: Path) -> Round:
+#: --parts: ours with a part left out -> (its name, the budget, whether answers are saved)
+PARTS = {
+    "ours": ("ours (LLMClient.arun)", None, True),
+    "no budget": ("ours, no budget", "none", True),
+    "no store": ("ours, no store", None, False),
+    "neither": ("ours, neither", "none", False),
+}
+
+
+def ours(base_url: str, tag: str, n: int, tmp: Path, part: str = "ours") -> Round:
+    """One round of the fetch; ``part`` (``--parts``) may leave the shared budget out
+    (``--llm-budget none``) or the store (each answer dropped as it arrives: no commit,
+    no journal line, no progress)."""
+    name, budget, saving = PARTS[part]
     run_dir = tmp / f"run-{tag}"
     store = ResponseStore.open(run_dir, origin=SIM_ORIGIN)
     journal = JournalWriter(run_dir / "fetch.journal")
     fetcher = Fetcher(store, journal)
     work = planned(tag, n)
-    client = LLMClient(our_config(base_url, run_dir))
+    client = LLMClient(our_config(base_url, run_dir, budget))
     try:
         cpu, started = time.process_time(), time.perf_counter()
-        asyncio.run(fetch(client, work, fetcher))
+        asyncio.run(fetch(client, work, fetcher, saving))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         client.close()
         journal.close()
-    stored = len(store)
+    stored = len(store) if saving else n - fetcher.failed
     store.close()
     for line in fetcher.errors:
         print(f"   ours: {line}")
     lost = n - stored
     if lost and not fetcher.failed:
         print(f"   ours: {lost} answers missing from the store")
-    return Round("ours (LLMClient.arun)", n, wall, cpu, fetcher.failed + max(0, lost))
+    return Round(name, n, wall, cpu, fetcher.failed + max(0, lost))
 
 
-async def fetch(client: LLMClient, work: list[PlannedRequest], fetcher: Fetcher) -> None:
+async def fetch(
+    client: LLMClient, work: list[PlannedRequest], fetcher: Fetcher, saving: bool = True
+) -> None:
+    on_answer = fetcher.answered if saving else _dropped
     try:
-        await client.arun(
-            work, _body, fetcher.answered, fetcher.on_error, prompt_tokens=_prompt_tokens
-        )
+        await client.arun(work, _body, on_answer, fetcher.on_error, prompt_tokens=_prompt_tokens)
     finally:
         fetcher.saver.flush()  # as engine.Fetch does
+
+
+def _dropped(req: PlannedRequest, answer: Answer) -> None:
+    """``--parts``' "no store": the answer is dropped as it arrives."""
 
 
 def _body(req: PlannedRequest) -> dict[str, Any]:
@@ -398,6 +423,11 @@ def main() -> int:
         "--transports", action="store_true", help="price a bare request through each client"
     )
     parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also run the fetch without its budget, without its store, and without both",
+    )
+    parser.add_argument(
         "--server",
         choices=["sim", "llmock"],
         default="sim",
@@ -420,16 +450,17 @@ def main() -> int:
             # warm-up, not measured: imports, the first connections, the server's caches
             raw(sim.base_url, "warm-raw", 200)
             ours(sim.base_url, "warm-ours", 200, Path(tmp))
+            loops = ["raw", *(PARTS if args.parts else ["ours"])]
             for r in range(args.rounds):
-                for which in ("raw", "ours"):
+                for which in loops:
                     if args.only and which != args.only:
                         continue
                     server_cpu = sim.cpu_seconds()
-                    tag = f"{which}{r}"
+                    tag = f"{which.replace(' ', '-')}{r}"
                     got = (
                         raw(sim.base_url, tag, n)
                         if which == "raw"
-                        else ours(sim.base_url, tag, n, Path(tmp))
+                        else ours(sim.base_url, tag, n, Path(tmp), which)
                     )
                     results.append((got, sim.cpu_seconds() - server_cpu))
     finally:
@@ -454,7 +485,8 @@ def report(n: int, results: list[tuple[Round, float]], server: str = "simulator"
             f"{1e6 * server_cpu / got.n:17.0f} {got.errors:6d}"
         )
     raws = [g for g, _ in results if g.name.startswith("raw")]
-    our = [g for g, _ in results if g.name.startswith("ours")]
+    our = [g for g, _ in results if g.name == PARTS["ours"][0]]
+    parts(results, raws)
     if raws and our:
         best_raw, best_ours = max(g.rps for g in raws), max(g.rps for g in our)
         ratio = best_ours / best_raw
@@ -470,6 +502,26 @@ def report(n: int, results: list[tuple[Round, float]], server: str = "simulator"
     if failed:
         print(f"{failed} request(s) failed or lost")
     return 1 if failed else 0
+
+
+def parts(results: list[tuple[Round, float]], raws: list[Round]) -> None:
+    """``--parts``: each variant's mean rate against the raw loop's, and its CPU."""
+    names = {g.name for g, _ in results}
+    if not raws or len(names & {name for name, _, _ in PARTS.values()}) < 2:
+        return
+    raw_rps = statistics.mean(g.rps for g in raws)
+    print("\nmean of rounds against the raw loop's:")
+    for name, _, _ in PARTS.values():
+        rounds = [g for g, _ in results if g.name == name]
+        if rounds:
+            rps, cpu = (
+                statistics.mean(g.rps for g in rounds),
+                statistics.mean(g.cpu_us for g in rounds),
+            )
+            print(
+                f"  {name:24} {rps / raw_rps:5.2f}  ({rps:.0f} req/s, "
+                f"{cpu:.0f} us of CPU a request)"
+            )
 
 
 if __name__ == "__main__":
