@@ -26,9 +26,10 @@ LIVE = 250
 FAULTS = {"500": 0.03, "503": 0.02, "drop": 0.02, "hang": 0.01, "malformed": 0.01}
 #: the client's time-out: a hung request costs this much. An answer of this simulator,
 #: without latency, takes milliseconds, but on a loaded machine the client may not read
-#: one for a second or more: at 1 s a CI run timed out on an answer the server had sent,
-#: asked again and was answered twice. The first backoff step is shortened so the ~100
-#: retries do not dominate the run (retry.py's tests cover the policy itself)
+#: one for a second or more: at 1 s a CI run had one body answered twice, most likely a
+#: time-out on an answer the server had sent, asked again (not reproduced here). The first
+#: backoff step is shortened so the ~100 retries do not dominate the run (retry.py's tests
+#: cover the policy itself)
 TIMEOUT_S = "3"
 BACKOFF_MIN_S = "0.1"
 
